@@ -1,0 +1,54 @@
+"""Names that several layers agree on: files, axes, graph tensors, chat template.
+
+Torch-free: the runtime imports this module.
+"""
+
+from __future__ import annotations
+
+# --- files -------------------------------------------------------------------
+CONFIG_FILE = "config.json"
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+SAFETENSORS_SINGLE_FILE = "model.safetensors"
+SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZER_JSON_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+# --- the model's fixed facts (AVG_LLAVA_SPEC.md) --------------------------------
+DEFAULT_GRANULARITIES = (36, 72, 144, 288, 576)
+DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # (width, height)
+DEFAULT_FILTERED_TEXT_NUM = 32
+DEFAULT_ROUTER_HEADS = 8
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_PLACEHOLDER = "<image>"
+
+# vicuna_v1, exactly (one line; not the older "curious human" v0 text).
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+VICUNA_V1_TEMPLATE = VICUNA_V1_SYSTEM + " USER: " + IMAGE_PLACEHOLDER + "\n{question} ASSISTANT:"
+
+# --- graph axes and tensor names (export specs and runtime checks use these) ----
+AXIS_CROPS = "crops"
+AXIS_TEXT = "text_len"
+AXIS_SEQ = "seq_len"
+AXIS_PAST = "past_len"
+AXIS_TOTAL = "total_len"
+AXIS_BATCH = "batch"
+
+
+def past_key_name(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value_name(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key_name(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value_name(layer: int) -> str:
+    return f"present.{layer}.value"

@@ -1,0 +1,372 @@
+"""Config: frozen dataclasses mirroring the checkpoint's config.json.
+
+Three layouts are read:
+  * AVG-LLaVA (`model_type: llava_llama`): flat Llama keys plus `mm_*` keys;
+  * the same written by this project (adds a `vision_config` dict, so no tower name
+    needs to be known);
+  * Hugging Face LLaVA-NeXT (`model_type: llava_next`): `text_config`/`vision_config`.
+
+`from_dict` ignores unknown keys; a missing required key or a bad value raises
+ConfigError (a ValueError) naming the key.  Torch-free on purpose.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from avg_edge import constants as C
+from avg_edge.errors import ConfigError
+
+# Vision towers whose architecture we know by name (the AVG-LLaVA config names the
+# tower but does not describe it).
+KNOWN_VISION_TOWERS: dict[str, dict[str, Any]] = {
+    "openai/clip-vit-large-patch14-336": dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        projection_dim=768, num_channels=3,
+    ),
+}
+
+
+def _require(d: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in d:
+        raise ConfigError(f"{where}: missing required key '{key}'")
+    return d[key]
+
+
+def _known(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{n}: expected a positive integer, got {v!r}")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """CLIP vision transformer (transformers' CLIPVisionConfig fields)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768
+    num_channels: int = 3
+
+    def __post_init__(self) -> None:
+        _positive(self, "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "image_size", "patch_size")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"vision hidden_size {self.hidden_size} not divisible by num_attention_heads {self.num_attention_heads}")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side: 24 for 336/14."""
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VisionConfig":
+        return cls(**_known(cls, d))
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Llama decoder (transformers' LlamaConfig fields that matter)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    head_dim: int | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int | None = None
+
+    REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+    def __post_init__(self) -> None:
+        _positive(self, *self.REQUIRED, "max_position_embeddings")
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(f"hidden_size {self.hidden_size} not divisible by num_attention_heads {self.num_attention_heads}")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads {self.num_attention_heads} not divisible by num_key_value_heads {self.num_key_value_heads}")
+        if isinstance(self.eos_token_id, list):  # some configs list several; the first is </s>
+            object.__setattr__(self, "eos_token_id", int(self.eos_token_id[0]))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "config.json") -> "TextConfig":
+        for k in cls.REQUIRED:
+            _require(d, k, where)
+        return cls(**_known(cls, d))
+
+    def to_llama_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def pool_kernel(tokens: int, grid: int) -> tuple[int, int]:
+    """(rows, cols) average-pool kernel that turns a grid x grid map into `tokens` tokens.
+
+    Square counts pool k x k; the others pool k x 2k (576 -> 1x1, 288 -> 1x2, 144 -> 2x2,
+    72 -> 2x4, 36 -> 4x4 on the 24x24 grid).  Raises ConfigError when none fits.
+    """
+    for k in range(1, grid + 1):
+        if grid % k:
+            continue
+        if tokens * k * k == grid * grid:
+            return (k, k)
+        if grid % (2 * k) == 0 and 2 * tokens * k * k == grid * grid:
+            return (k, 2 * k)
+    raise ConfigError(
+        f"vis_token_granularity: {tokens} tokens cannot be made by pooling a {grid}x{grid} grid "
+        f"with a k x k or k x 2k kernel; valid for this grid: {valid_granularities(grid)}"
+    )
+
+
+def valid_granularities(grid: int) -> list[int]:
+    out = set()
+    for k in range(1, grid + 1):
+        if grid % k == 0:
+            out.add((grid // k) ** 2)
+            if grid % (2 * k) == 0:
+                out.add((grid // k) * (grid // (2 * k)))
+    return sorted(out)
+
+
+def _parse_pinpoints(value: Any, swap: bool) -> tuple[tuple[int, int], ...]:
+    if isinstance(value, str):  # the released config stores "[(336, 672), ...]" or "[[336, 672], ...]"
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(f"image_grid_pinpoints: expected a list of (width, height) pairs, got the string {value!r}") from e
+    try:
+        pairs = tuple((int(a), int(b)) for a, b in value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"image_grid_pinpoints: expected a list of (width, height) pairs, got {value!r}") from e
+    if not pairs:
+        raise ConfigError("image_grid_pinpoints: expected at least one (width, height) pair, got an empty list")
+    return tuple((b, a) for a, b in pairs) if swap else pairs
+
+
+@dataclass(frozen=True)
+class AvgLlavaConfig:
+    """The whole model.  `pinpoints` are (width, height), the original code's order."""
+
+    text: TextConfig
+    vision: VisionConfig
+    vision_tower: str = "openai/clip-vit-large-patch14-336"
+    select_layer: int = -2
+    select_feature: str = "patch"
+    projector_type: str = "mlp2x_gelu"
+    image_aspect_ratio: str = "anyres"
+    pinpoints: tuple[tuple[int, int], ...] = C.DEFAULT_PINPOINTS
+    patch_merge_type: str = "spatial_unpad"
+    granularities: tuple[int, ...] = C.DEFAULT_GRANULARITIES
+    has_router: bool = True
+    filtered_text_num: int = C.DEFAULT_FILTERED_TEXT_NUM
+    router_num_heads: int = C.DEFAULT_ROUTER_HEADS
+    image_mean: tuple[float, float, float] = C.CLIP_MEAN
+    image_std: tuple[float, float, float] = C.CLIP_STD
+    source_layout: str = "llava_llama"  # or "llava_next" (Hugging Face)
+
+    def __post_init__(self) -> None:
+        if self.select_feature != "patch":
+            raise ConfigError(f"mm_vision_select_feature: expected 'patch', got {self.select_feature!r}")
+        if self.projector_type != "mlp2x_gelu":
+            raise ConfigError(f"mm_projector_type: expected 'mlp2x_gelu', got {self.projector_type!r}")
+        if self.image_aspect_ratio != "anyres":
+            raise ConfigError(f"image_aspect_ratio: expected 'anyres', got {self.image_aspect_ratio!r}")
+        if self.patch_merge_type != "spatial_unpad":
+            raise ConfigError(f"mm_patch_merge_type: expected 'spatial_unpad', got {self.patch_merge_type!r}")
+        n_layers = self.vision.num_hidden_layers
+        if not (-n_layers - 1 <= self.select_layer <= n_layers) or self.select_layer == 0:
+            raise ConfigError(f"mm_vision_select_layer: expected -{n_layers + 1}..-1 or 1..{n_layers}, got {self.select_layer}")
+        if not self.granularities or list(self.granularities) != sorted(set(self.granularities)):
+            raise ConfigError(f"vis_token_granularity: expected distinct counts in ascending order, got {list(self.granularities)}")
+        for g in self.granularities:
+            pool_kernel(g, self.vision.grid)
+        if self.granularities[-1] != self.vision.grid ** 2:
+            raise ConfigError(f"vis_token_granularity: the finest must be the full grid {self.vision.grid ** 2}, got {self.granularities[-1]}")
+        for w, h in self.pinpoints:
+            if w <= 0 or h <= 0 or w % self.crop_size or h % self.crop_size:
+                raise ConfigError(f"image_grid_pinpoints: ({w}, {h}) is not a multiple of the crop size {self.crop_size}")
+        if self.has_router and self.text.hidden_size % self.router_num_heads:
+            raise ConfigError(f"router heads {self.router_num_heads} do not divide hidden_size {self.text.hidden_size}")
+        _positive(self, "filtered_text_num")
+
+    # -- derived ---------------------------------------------------------------
+    @property
+    def crop_size(self) -> int:
+        return self.vision.image_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text.hidden_size
+
+    @property
+    def router_seq_len(self) -> int:
+        """Tokens per crop the router reads: all granularities plus the filtered text (1148)."""
+        return sum(self.granularities) + self.filtered_text_num
+
+    @property
+    def max_crops(self) -> int:
+        tiles = max((w // self.crop_size) * (h // self.crop_size) for w, h in self.pinpoints)
+        return 1 + tiles
+
+    # -- reading -----------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], folder: Path | None = None) -> "AvgLlavaConfig":
+        model_type = d.get("model_type")
+        if model_type == "llava_next":
+            return cls._from_llava_next(d)
+        if model_type not in ("llava_llama", "llava", None):
+            raise ConfigError(f"config.json: model_type expected 'llava_llama' or 'llava_next', got {model_type!r}")
+        text = TextConfig.from_dict(d)
+        tower = str(_require(d, "mm_vision_tower", "config.json"))
+        vision = _vision_for(d, tower, folder)
+        gran = d.get("vis_token_granularity", list(C.DEFAULT_GRANULARITIES))
+        if isinstance(gran, str):
+            gran = ast.literal_eval(gran)
+        if isinstance(gran, int):
+            gran = [gran]
+        kw: dict[str, Any] = dict(
+            text=text,
+            vision=vision,
+            vision_tower=tower,
+            select_layer=int(_require(d, "mm_vision_select_layer", "config.json")),
+            select_feature=d.get("mm_vision_select_feature", "patch"),
+            projector_type=_require(d, "mm_projector_type", "config.json"),
+            image_aspect_ratio=d.get("image_aspect_ratio", "anyres"),
+            pinpoints=_parse_pinpoints(d.get("image_grid_pinpoints", C.DEFAULT_PINPOINTS), swap=False),
+            patch_merge_type=d.get("mm_patch_merge_type", "spatial_unpad"),
+            granularities=tuple(int(g) for g in gran),
+            has_router=bool(d.get("router_select", False)),
+            filtered_text_num=int(d.get("filtered_text_num", C.DEFAULT_FILTERED_TEXT_NUM)),
+            router_num_heads=int(d.get("router_num_heads", C.DEFAULT_ROUTER_HEADS)),
+        )
+        if "mm_hidden_size" in d and int(d["mm_hidden_size"]) != vision.hidden_size:
+            raise ConfigError(f"mm_hidden_size {d['mm_hidden_size']} does not match the vision tower's hidden_size {vision.hidden_size}")
+        if "image_mean" in d:
+            kw["image_mean"] = tuple(float(x) for x in d["image_mean"])
+            kw["image_std"] = tuple(float(x) for x in d["image_std"])
+        return cls(**kw)
+
+    @classmethod
+    def _from_llava_next(cls, d: Mapping[str, Any]) -> "AvgLlavaConfig":
+        text_d = dict(_require(d, "text_config", "config.json"))
+        text_d.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", False))
+        tmt = text_d.get("model_type", "llama")
+        if tmt != "llama":
+            raise ConfigError(f"text_config.model_type: only Llama text models are supported, got {tmt!r}")
+        strategy = d.get("vision_feature_select_strategy", "default")
+        if strategy != "default":
+            raise ConfigError(f"vision_feature_select_strategy: expected 'default' (patch tokens), got {strategy!r}")
+        if d.get("projector_hidden_act", "gelu") != "gelu":
+            raise ConfigError(f"projector_hidden_act: expected 'gelu', got {d.get('projector_hidden_act')!r}")
+        if not d.get("multimodal_projector_bias", True):
+            raise ConfigError("multimodal_projector_bias: expected true (mlp2x_gelu has biases), got false")
+        layer = d.get("vision_feature_layer", -2)
+        if not isinstance(layer, int):
+            raise ConfigError(f"vision_feature_layer: expected one integer, got {layer!r}")
+        return cls(
+            text=TextConfig.from_dict(text_d, where="config.json text_config"),
+            vision=VisionConfig.from_dict(_require(d, "vision_config", "config.json")),
+            vision_tower="(in checkpoint)",
+            select_layer=layer,
+            pinpoints=_parse_pinpoints(d.get("image_grid_pinpoints", [[h, w] for w, h in C.DEFAULT_PINPOINTS]), swap=True),
+            has_router=False,
+            source_layout="llava_next",
+        )
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "AvgLlavaConfig":
+        folder = Path(folder)
+        path = folder / C.CONFIG_FILE
+        if not path.is_file():
+            raise ConfigError(f"{folder}: no {C.CONFIG_FILE} (expected a checkpoint folder with config.json and *.safetensors)")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_dict(d, folder=folder)
+
+    def to_dict(self) -> dict[str, Any]:
+        """This project's own layout: AVG-LLaVA keys plus an explicit vision_config."""
+        d = dict(self.text.to_llama_dict())
+        d.update(
+            model_type="llava_llama",
+            architectures=["LlavaLlamaForCausalLM"],
+            mm_vision_tower=self.vision_tower,
+            vision_config=dataclasses.asdict(self.vision),
+            mm_vision_select_layer=self.select_layer,
+            mm_vision_select_feature=self.select_feature,
+            mm_projector_type=self.projector_type,
+            mm_hidden_size=self.vision.hidden_size,
+            image_aspect_ratio=self.image_aspect_ratio,
+            image_grid_pinpoints=[list(p) for p in self.pinpoints],
+            mm_patch_merge_type=self.patch_merge_type,
+            vis_token_granularity=list(self.granularities),
+            router_select=self.has_router,
+            filtered_text_num=self.filtered_text_num,
+            router_num_heads=self.router_num_heads,
+            image_mean=list(self.image_mean),
+            image_std=list(self.image_std),
+        )
+        return d
+
+    def replace(self, **changes: Any) -> "AvgLlavaConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _vision_for(d: Mapping[str, Any], tower: str, folder: Path | None) -> VisionConfig:
+    """The tower's architecture: explicit `vision_config`, a known name, or a local folder."""
+    if isinstance(d.get("vision_config"), Mapping):
+        return VisionConfig.from_dict(d["vision_config"])
+    if tower in KNOWN_VISION_TOWERS:
+        return VisionConfig(**KNOWN_VISION_TOWERS[tower])
+    candidates = [Path(tower)]
+    if folder is not None and not Path(tower).is_absolute():
+        candidates.insert(0, folder / tower)
+    for cand in candidates:
+        cfg = cand / C.CONFIG_FILE
+        if cfg.is_file():
+            vd = json.loads(cfg.read_text())
+            if vd.get("model_type") == "clip" or "vision_config" in vd:
+                vd = vd.get("vision_config", {})
+            return VisionConfig.from_dict(vd)
+    raise ConfigError(
+        f"mm_vision_tower: unknown vision tower {tower!r}. Known by name: {sorted(KNOWN_VISION_TOWERS)}. "
+        "Hint: set mm_vision_tower in config.json to a local folder holding that tower's config.json "
+        "(CLIP or CLIPVision), or add a 'vision_config' dict to config.json."
+    )
+
+
+__all__ = ["AvgLlavaConfig", "TextConfig", "VisionConfig", "KNOWN_VISION_TOWERS", "pool_kernel", "valid_granularities"]

@@ -1,0 +1,169 @@
+"""AVG-LLaVA in PyTorch: the reference every export and runtime path is checked against."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from avg_edge.errors import InputError
+from avg_edge.model.config import AvgLlavaConfig
+from avg_edge.model.router import GranularityRouter
+from avg_edge.model.scaler import pack_image, scale_all
+from avg_edge.model.vision import Projector, VisionTower
+from avg_edge.runtime.chat import prompt_ids
+from avg_edge.runtime.image import load_image
+from avg_edge.runtime.preprocess import PreprocessConfig, PreprocessedImage, preprocess_image
+from avg_edge.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger("avg_edge")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    granularity: int
+    router_logits: list[float] | None
+    visual_tokens: int
+
+
+@dataclass
+class PreparedInputs:
+    """Everything between the image and the decoder, for one image + question."""
+
+    inputs_embeds: torch.Tensor          # [1, N, D]
+    granularity: int
+    router_logits: torch.Tensor | None   # [n_granularities]
+    visual_tokens: int
+    ids_before: list[int]
+    ids_after: list[int]
+    image: PreprocessedImage
+    scaled: dict[int, torch.Tensor] = field(repr=False)  # {g: [crops, g, D]}
+
+
+def _llama_config(config: AvgLlavaConfig) -> LlamaConfig:
+    t = config.text
+    return LlamaConfig(
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim,
+        max_position_embeddings=t.max_position_embeddings, rms_norm_eps=t.rms_norm_eps,
+        rope_theta=t.rope_theta, rope_scaling=t.rope_scaling, hidden_act=t.hidden_act,
+        attention_bias=t.attention_bias, mlp_bias=t.mlp_bias, tie_word_embeddings=t.tie_word_embeddings,
+        bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id,
+    )
+
+
+class AvgLlavaModel(nn.Module):
+    """Vision tower -> projector -> scaler -> (router) -> spatial_unpad packing -> Llama."""
+
+    def __init__(self, config: AvgLlavaConfig, tokenizer: Tokenizer | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vision_tower = VisionTower(config)
+        self.mm_projector = Projector(config)
+        self.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
+        self.router = GranularityRouter(config) if config.has_router else None
+        self.language_model = LlamaForCausalLM(_llama_config(config))
+        self.preprocess_config = PreprocessConfig(
+            crop_size=config.crop_size, pinpoints=config.pinpoints,
+            mean=config.image_mean, std=config.image_std,
+        )
+        self._said_no_router = False
+        self.eval()
+
+    # -- parts -------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[crops, 3, 336, 336] -> projected patch features [crops, 576, D]."""
+        feats = self.vision_tower(pixel_values.to(self.dtype))   # [crops, 576, 1024]
+        return self.mm_projector(feats)                          # [crops, 576, D]
+
+    def embed_ids(self, ids: list[int]) -> torch.Tensor:
+        table = self.language_model.get_input_embeddings()
+        return table(torch.tensor(ids, dtype=torch.long))         # [T, D]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.image_newline.dtype
+
+    def check_granularity(self, granularity: Any) -> int | None:
+        valid = list(self.config.granularities)
+        if granularity is None or granularity == "auto":
+            return None
+        if isinstance(granularity, bool) or not isinstance(granularity, (int, np.integer)) or int(granularity) not in valid:
+            raise InputError(f"granularity: expected one of {valid} or None (router), got {granularity!r}")
+        return int(granularity)
+
+    def choose(self, scaled: dict[int, torch.Tensor], text: torch.Tensor, granularity: int | None) -> tuple[int, torch.Tensor | None]:
+        if granularity is not None:
+            return granularity, None
+        if self.router is None:
+            if not self._said_no_router:
+                log.warning("this checkpoint has no router: using the finest granularity %d "
+                            "(pass granularity= to choose another)", self.config.granularities[-1])
+                self._said_no_router = True
+            return self.config.granularities[-1], None
+        logits = self.router(scaled, text)                        # [5]
+        return self.config.granularities[int(torch.argmax(logits))], logits
+
+    # -- image + question -> decoder inputs ---------------------------------------
+    @torch.no_grad()
+    def prepare(self, image: Any, question: str, granularity: int | None = None) -> PreparedInputs:
+        gran = self.check_granularity(granularity)
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer: load it with load_model(folder)")
+        before, after = prompt_ids(self.tokenizer.encode, self.config.text.bos_token_id, question)
+        pre = preprocess_image(load_image(image), self.preprocess_config)
+        feats = self.encode_images(torch.from_numpy(pre.pixel_values))    # [crops, 576, D]
+        scaled = scale_all(feats, self.config.granularities)               # {g: [crops, g, D]}
+        emb_before = self.embed_ids(before)                                # [Tb, D]
+        emb_after = self.embed_ids(after)                                  # [Ta, D]
+        chosen, logits = self.choose(scaled, torch.cat([emb_before, emb_after]), gran)
+        visual = pack_image(scaled[chosen], pre.grid, pre.image_size, self.image_newline)  # [V, D]
+        embeds = torch.cat([emb_before, visual, emb_after])[None]          # [1, N, D]
+        ctx = self.config.text.max_position_embeddings
+        if embeds.shape[1] >= ctx:
+            raise InputError(f"prompt is {embeds.shape[1]} tokens ({visual.shape[0]} visual); the context holds {ctx}")
+        return PreparedInputs(embeds, chosen, logits, visual.shape[0], before, after, pre, scaled)
+
+    # -- generation ------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, image: Any, question: str, granularity: int | None = None, max_new_tokens: int = 64) -> GenerationResult:
+        """Greedy answer.  `granularity=None` lets the router choose; an int forces one."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+        prep = self.prepare(image, question, granularity)
+        ids = self.greedy(prep.inputs_embeds, max_new_tokens)
+        return GenerationResult(
+            text=self.tokenizer.decode(ids).strip(),
+            token_ids=ids,
+            granularity=prep.granularity,
+            router_logits=None if prep.router_logits is None else prep.router_logits.tolist(),
+            visual_tokens=prep.visual_tokens,
+        )
+
+    @torch.no_grad()
+    def greedy(self, inputs_embeds: torch.Tensor, max_new_tokens: int) -> list[int]:
+        """Greedy decoding with the KV cache; stops at </s> (not included)."""
+        eos = self.config.text.eos_token_id
+        room = self.config.text.max_position_embeddings - inputs_embeds.shape[1]
+        out = self.language_model(inputs_embeds=inputs_embeds.to(self.dtype), use_cache=True, logits_to_keep=1)
+        ids: list[int] = []
+        for _ in range(min(max_new_tokens, room)):
+            nxt = int(out.logits[0, -1].argmax())
+            if nxt == eos:
+                break
+            ids.append(nxt)
+            out = self.language_model(input_ids=torch.tensor([[nxt]]), cache=out.cache, use_cache=True, logits_to_keep=1)
+        return ids
+
+    def forward_logits(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Logits for every position of [1, N, D] embeddings (tests and scoring)."""
+        return self.language_model(inputs_embeds=inputs_embeds.to(self.dtype)).logits
