@@ -113,7 +113,17 @@ class AvgLlavaModel(nn.Module):
         logits = self.router(scaled, text)                        # [5]
         return self.config.granularities[int(torch.argmax(logits))], logits
 
-    # -- image + question -> decoder inputs ---------------------------------------
+    # -- image + question -> decoder inputs (grad-capable pieces, used by training) --
+    def visual_features(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
+        """All granularities of every crop: {g: [crops, g, D]}."""
+        return scale_all(self.encode_images(pixel_values), self.config.granularities)
+
+    def assemble(self, scaled: dict[int, torch.Tensor], granularity: int, image: PreprocessedImage,
+                 emb_before: torch.Tensor, emb_after: torch.Tensor) -> torch.Tensor:
+        """[prompt before | packed visual tokens | prompt after] -> [N, D]."""
+        visual = pack_image(scaled[granularity], image.grid, image.image_size, self.image_newline)  # [V, D]
+        return torch.cat([emb_before, visual, emb_after])                  # [N, D]
+
     @torch.no_grad()
     def prepare(self, image: Any, question: str, granularity: int | None = None) -> PreparedInputs:
         gran = self.check_granularity(granularity)
@@ -121,17 +131,16 @@ class AvgLlavaModel(nn.Module):
             raise InputError("this model has no tokenizer: load it with load_model(folder)")
         before, after = prompt_ids(self.tokenizer.encode, self.config.text.bos_token_id, question)
         pre = preprocess_image(load_image(image), self.preprocess_config)
-        feats = self.encode_images(torch.from_numpy(pre.pixel_values))    # [crops, 576, D]
-        scaled = scale_all(feats, self.config.granularities)               # {g: [crops, g, D]}
+        scaled = self.visual_features(torch.from_numpy(pre.pixel_values))  # {g: [crops, g, D]}
         emb_before = self.embed_ids(before)                                # [Tb, D]
         emb_after = self.embed_ids(after)                                  # [Ta, D]
         chosen, logits = self.choose(scaled, torch.cat([emb_before, emb_after]), gran)
-        visual = pack_image(scaled[chosen], pre.grid, pre.image_size, self.image_newline)  # [V, D]
-        embeds = torch.cat([emb_before, visual, emb_after])[None]          # [1, N, D]
+        embeds = self.assemble(scaled, chosen, pre, emb_before, emb_after)[None]  # [1, N, D]
+        visual_tokens = embeds.shape[1] - len(before) - len(after)
         ctx = self.config.text.max_position_embeddings
         if embeds.shape[1] >= ctx:
-            raise InputError(f"prompt is {embeds.shape[1]} tokens ({visual.shape[0]} visual); the context holds {ctx}")
-        return PreparedInputs(embeds, chosen, logits, visual.shape[0], before, after, pre, scaled)
+            raise InputError(f"prompt is {embeds.shape[1]} tokens ({visual_tokens} visual); the context holds {ctx}")
+        return PreparedInputs(embeds, chosen, logits, visual_tokens, before, after, pre, scaled)
 
     # -- generation ------------------------------------------------------------------
     @torch.no_grad()
