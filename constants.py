@@ -35,7 +35,15 @@ AXIS_TEXT = "text_len"
 AXIS_SEQ = "seq_len"
 AXIS_PAST = "past_len"
 AXIS_TOTAL = "total_len"
-AXIS_BATCH = "batch"
+AXIS_LOGITS = "n_logits"
+
+
+# --- build folder ----------------------------------------------------------------
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+EMBED_TABLE_FILE = "embed_tokens.npy"
+IMAGE_NEWLINE_FILE = "image_newline.npy"
+TIMING_CACHE_FILE = "timing.cache"
 
 
 def past_key_name(layer: int) -> str:

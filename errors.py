@@ -25,3 +25,7 @@ class ImageError(AvgEdgeError, ValueError):
 
 class InputError(AvgEdgeError, ValueError):
     """A call received an argument outside what it accepts."""
+
+
+class UsageError(AvgEdgeError, ValueError):
+    """A command-line argument is wrong (exit code 2)."""

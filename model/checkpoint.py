@@ -112,7 +112,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> A
     config = AvgLlavaConfig.from_folder(folder)
     tokenizer = load_tokenizer(folder)
     shard_of = _shard_map(folder)
-    model = AvgLlavaModel(config, tokenizer=tokenizer).to(dtype)
+    model = AvgLlavaModel(config, tokenizer=tokenizer).cast_(dtype)
     params = model.state_dict()
 
     renamed: dict[str, str] = {}  # module name -> checkpoint name

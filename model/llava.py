@@ -89,6 +89,20 @@ class AvgLlavaModel(nn.Module):
         table = self.language_model.get_input_embeddings()
         return table(torch.tensor(ids, dtype=torch.long))         # [T, D]
 
+    def cast_(self, dtype: torch.dtype) -> "AvgLlavaModel":
+        """Convert weights to `dtype` in place, keeping RoPE's inverse frequencies in fp32
+        (in fp16 they are rounded enough that position x frequency drifts by radians
+        at long context)."""
+        rotary = self.language_model.model.rotary_emb
+        keep = {n: b.detach().clone() for n, b in rotary.named_buffers(recurse=False)}
+        original = getattr(rotary, "original_inv_freq", None)
+        self.to(dtype)
+        for n, b in keep.items():
+            setattr(rotary, n, b)
+        if isinstance(original, torch.Tensor):
+            rotary.original_inv_freq = original.detach().clone().float()
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return self.image_newline.dtype

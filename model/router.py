@@ -13,12 +13,15 @@ def filter_text(global_tokens: torch.Tensor, text: torch.Tensor, k: int) -> torc
     """The k prompt embeddings most similar to the global crop, best first, zero-padded.
 
     global_tokens: [576, D] (global crop, full granularity); text: [T, D].
+    Written without data-dependent shapes so that it exports: k zero rows scoring -inf
+    are appended, sort last, and fill the rows left over when T < k.
     """
     sim = F.normalize(global_tokens, dim=-1) @ F.normalize(text, dim=-1).T  # [576, T]
     score = sim.mean(dim=0)                                                 # [T]
-    order = torch.argsort(score, descending=True, stable=True)[:k]          # [min(T, k)]
-    picked = text[order]                                                    # [min(T, k), D]
-    return F.pad(picked, (0, 0, 0, k - picked.shape[0]))                    # [k, D]
+    cand = torch.cat([text, text.new_zeros(k, text.shape[1])])              # [T + k, D]
+    cand_score = torch.cat([score, score.new_full((k,), float("-inf"))])    # [T + k]
+    top = torch.topk(cand_score, k, sorted=True).indices                    # [k], best first
+    return cand[top]                                                        # [k, D]
 
 
 class GranularityRouter(nn.Module):

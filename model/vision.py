@@ -15,7 +15,9 @@ class VisionTower(nn.Module):
     def __init__(self, config: AvgLlavaConfig) -> None:
         super().__init__()
         v = config.vision
-        self.select_layer = config.select_layer
+        n = v.num_hidden_layers
+        # hidden_states[k] is the output of k layers (0 = embeddings); -2 -> n - 1 layers.
+        self.layers_used = config.select_layer % (n + 1)
         self.clip = CLIPVisionModel(CLIPVisionConfig(
             hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
             num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
@@ -26,9 +28,12 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [crops, 3, 336, 336]
-        out = self.clip(pixel_values=pixel_values, output_hidden_states=True)
-        hidden = out.hidden_states[self.select_layer]  # [crops, 1 + 576, 1024]
-        return hidden[:, 1:]                            # [crops, 576, 1024] patch tokens only
+        # Runs only the layers the selected hidden state needs (the last one would be wasted).
+        clip = self.clip
+        hidden = clip.pre_layrnorm(clip.embeddings(pixel_values))  # [crops, 1 + 576, 1024]
+        for layer in clip.encoder.layers[: self.layers_used]:
+            hidden = layer(hidden, None)                            # [crops, 1 + 576, 1024]
+        return hidden[:, 1:]                                        # [crops, 576, 1024] patch tokens only
 
 
 class Projector(nn.Sequential):

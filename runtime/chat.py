@@ -13,7 +13,7 @@ from typing import Callable
 from avg_edge import constants as C
 from avg_edge.errors import InputError
 
-_BEFORE, _AFTER = C.VICUNA_V1_TEMPLATE.split(C.IMAGE_PLACEHOLDER)
+TEMPLATE_BEFORE_IMAGE, TEMPLATE_AFTER_IMAGE = C.VICUNA_V1_TEMPLATE.split(C.IMAGE_PLACEHOLDER)
 
 
 def check_question(question: object) -> str:
@@ -26,7 +26,7 @@ def check_question(question: object) -> str:
 
 def prompt_chunks(question: str) -> tuple[str, str]:
     """The vicuna_v1 prompt around the image: (text before, text after)."""
-    return _BEFORE, _AFTER.format(question=check_question(question))
+    return TEMPLATE_BEFORE_IMAGE, TEMPLATE_AFTER_IMAGE.format(question=check_question(question))
 
 
 def prompt_text(question: str) -> str:

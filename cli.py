@@ -1,0 +1,131 @@
+"""Command-line front ends (thin: parse, call the library, print).
+
+`avg-export build|inspect` needs the `export` extra; exit codes: 0 ok, 1 the job
+failed, 2 usage error.  Errors print one line to stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from avg_edge.errors import AvgEdgeError, UsageError
+
+DEFAULT_BUILD_DIR = Path("builds/avg-edge-demo")
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "model" / "demo" / "checkpoint"
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+export_app = typer.Typer(name="avg-export", help="Export AVG-LLaVA to ONNX (and TensorRT engines where possible).",
+                         no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _exits(fn):
+    """Map our errors to exit codes: usage 2, everything else we raise 1."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(2)
+        except AvgEdgeError as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            err.print("interrupted", markup=False)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@export_app.command("build")
+@_exits
+def build_cmd(
+    model: Optional[Path] = typer.Option(None, "-m", "--model", help="Checkpoint folder (default: the bundled demo model)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help=f"Build folder (default: {DEFAULT_BUILD_DIR} for the demo, builds/<model>-<precision> otherwise)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (int8/int4 come with calibration)."),
+    backend: str = typer.Option("auto", "--backend", help="auto: engines when TensorRT and a GPU exist; onnx: ONNX only; trt: engines or fail."),
+    max_crops: Optional[int] = typer.Option(None, "--max-crops", help="Most crops per image the build accepts (default: the pinpoints' most)."),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help="Decoder context (default: the model's)."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (TensorRT 10.3 parses 9..20)."),
+    no_validate: bool = typer.Option(False, "--no-validate", help="Skip the check against PyTorch."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing build folder."),
+) -> None:
+    """Export the vision+scaler, router and decoder graphs, validate them, build engines."""
+    from avg_edge.export.build import BuildOptions, build
+
+    if model is None:
+        if not (DEMO_CHECKPOINT / "config.json").is_file():
+            raise UsageError(f"no -m given and the bundled demo model is missing at {DEMO_CHECKPOINT}")
+        model = DEMO_CHECKPOINT
+        output = output or DEFAULT_BUILD_DIR
+    output = output or Path("builds") / f"{model.resolve().name}-{precision}"
+    opts = BuildOptions(model=model, output=output, precision=precision, backend=backend, max_crops=max_crops,
+                        max_context=max_context, opset=opset, validate=not no_validate, force=force)
+    result = build(opts, progress=lambda line: err.print(line, markup=False, soft_wrap=True))
+    table = Table(title=f"{result.output}  ({result.seconds:.1f} s)")
+    for col in ("graph", "precision", "size", "max diff", "validation", "engine"):
+        table.add_column(col)
+    for r in result.rows:
+        diff = "-" if r.max_abs_diff is None or r.max_abs_diff != r.max_abs_diff else f"{r.max_abs_diff:.1e}"
+        table.add_row(r.graph, r.precision, _human(r.bytes), diff, r.validation, "yes" if r.engine else "no")
+    out.print(table)
+
+
+@export_app.command("inspect")
+@_exits
+def inspect_cmd(build_dir: Path = typer.Argument(..., help="A build folder."),
+                verify: bool = typer.Option(False, "--verify", help="Check every file's sha256.")) -> None:
+    """Print the manifest and each graph's I/O table."""
+    from avg_edge.export.manifest import load_manifest
+
+    m = load_manifest(build_dir, verify=verify)
+    out.print(f"build {build_dir}: format {m.format_version}, {m.precision}, opset {m.opset}, "
+              f"context {m.context_length}, router: {'yes' if m.has_router else 'no'}")
+    out.print(f"granularities {m.granularities}; crop {m.crop_size}; pinpoints {m.pinpoints}")
+    out.print(f"tokens: bos {m.bos_token_id}, eos {m.eos_token_id}; template {m.chat_template.get('name')}")
+    for name in m.graphs:
+        spec = m.spec(name)
+        v = m.validation.get(name, {})
+        status = v.get("status", "not run")
+        diff = v.get("max_abs_diff")
+        table = Table(title=f"{spec.file}  validation: {status}" + (f", max abs diff {diff:.1e}" if isinstance(diff, float) else ""))
+        for col in ("", "name", "dtype", "shape"):
+            table.add_column(col)
+        for row in spec.io_table():
+            table.add_row(*row)
+        out.print(table)
+        for p in spec.profiles:
+            axes = ", ".join(f"{a.name} {a.min}/{a.opt}/{a.max}" for a in p.axes.values())
+            out.print(f"  profile {p.name}: {axes}")
+    out.print("files: " + ", ".join(f"{n} ({_human(i['bytes'])})" for n, i in m.files.items()))
+    if m.tensorrt:
+        out.print(f"TensorRT {m.tensorrt['version']} on {m.tensorrt['gpu']} (sm {m.tensorrt['compute_capability']}): {m.engines}")
+    else:
+        out.print("TensorRT engines: none")
+    out.print("tools: " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))
+
+
+def export_main() -> None:
+    export_app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(export_app())

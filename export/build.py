@@ -1,0 +1,282 @@
+"""`avg-export build`: checkpoint folder -> build folder (ONNX graphs, tables, tokenizer,
+manifest, TensorRT engines where possible).
+
+Everything is written into a hidden temporary sibling folder that is renamed into place
+at the very end, so a failed or killed build leaves the previous build untouched and
+no folder the runtime would accept (the manifest is the last file written).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from avg_edge import __version__
+from avg_edge import constants as C
+from avg_edge.errors import AvgEdgeError, UsageError
+from avg_edge.export import specs as S
+from avg_edge.export.manifest import Manifest
+from avg_edge.export.validate import GraphValidation, validate_graph, validate_wrapper
+from avg_edge.runtime.chat import TEMPLATE_AFTER_IMAGE, TEMPLATE_BEFORE_IMAGE
+from avg_edge.runtime.packing import visual_token_count
+
+PRECISIONS = ("fp32", "fp16")
+LATER_PRECISIONS = ("int8", "int4")
+BACKENDS = ("auto", "onnx", "trt")
+DEFAULT_OPSET = 18          # what torch's exporter emits best and TensorRT 10.3 parses (opsets 9..20)
+SUPPORTED_OPSETS = range(17, 24)
+DTYPES = {"fp32": ("float32", torch.float32), "fp16": ("float16", torch.float16)}
+
+
+class BuildError(AvgEdgeError):
+    """The build ran and failed (validation beyond tolerance, exporter failure)."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: Path
+    output: Path
+    precision: str = "fp32"
+    backend: str = "auto"
+    max_crops: int | None = None
+    max_context: int | None = None
+    opset: int = DEFAULT_OPSET
+    validate: bool = True
+    force: bool = False
+    timing_cache: Path | None = None
+
+
+@dataclass
+class GraphRow:
+    graph: str
+    precision: str
+    bytes: int
+    max_abs_diff: float | None
+    validation: str
+    engine: bool
+
+
+@dataclass
+class BuildResult:
+    output: Path
+    manifest: Manifest
+    rows: list[GraphRow]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def check_options(o: BuildOptions) -> None:
+    """Usage errors, before any work."""
+    if o.precision in LATER_PRECISIONS:
+        raise UsageError(f"--precision {o.precision}: int8/int4 builds arrive with calibration; use one of {list(PRECISIONS)}")
+    if o.precision not in PRECISIONS:
+        raise UsageError(f"--precision: expected one of {list(PRECISIONS)}, got {o.precision!r}")
+    if o.backend not in BACKENDS:
+        raise UsageError(f"--backend: expected one of {list(BACKENDS)}, got {o.backend!r}")
+    if o.opset not in SUPPORTED_OPSETS:
+        raise UsageError(f"--opset: expected {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {o.opset}")
+    if not Path(o.model).is_dir():
+        raise UsageError(f"model folder not found: {o.model} (expected a local checkpoint folder with config.json)")
+    out = Path(o.output)
+    if out.exists() and not o.force:
+        raise UsageError(f"output folder {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a folder")
+    parent = out.resolve().parent
+    probe_parent = parent
+    while not probe_parent.exists():
+        probe_parent = probe_parent.parent
+    if not os.access(probe_parent, os.W_OK):
+        raise UsageError(f"cannot write the output: {probe_parent} is not writable")
+    if o.backend == "trt":
+        from avg_edge.export.tensorrt_build import TensorRTUnavailable, probe
+
+        try:
+            probe()
+        except TensorRTUnavailable as e:
+            raise UsageError(f"--backend trt: {e}") from e
+
+
+def bounds_for(config, max_crops: int | None, max_context: int | None) -> S.Bounds:
+    crop = config.crop_size
+    fits = [(w, h) for w, h in config.pinpoints if 1 + (w // crop) * (h // crop) <= (max_crops or config.max_crops)]
+    least = 1 + min((w // crop) * (h // crop) for w, h in config.pinpoints)
+    if max_crops is not None and not least <= max_crops <= config.max_crops:
+        raise UsageError(f"--max-crops: expected {least}..{config.max_crops} for this model's pinpoints, got {max_crops}")
+    ctx_model = config.text.max_position_embeddings
+    if max_context is not None and not 64 <= max_context <= ctx_model:
+        raise UsageError(f"--max-context: expected 64..{ctx_model}, got {max_context}")
+    finest = config.granularities[-1]
+    max_visual = max(visual_token_count(finest, (w // crop, h // crop), (w, h)) for w, h in fits)
+    return S.Bounds(max_crops=max_crops or config.max_crops, max_context=max_context or ctx_model,
+                    min_visual=config.granularities[0], max_visual=max_visual)
+
+
+def graph_specs(config, b: S.Bounds, precision: str) -> dict[str, S.GraphSpec]:
+    dt = DTYPES[precision][0]
+    t = config.text
+    out = {S.VISION: S.vision_spec(t.hidden_size, config.granularities, b, config.crop_size, dt)}
+    if config.has_router:
+        out[S.ROUTER] = S.router_spec(t.hidden_size, config.granularities, b, dt)
+    out[S.DECODER] = S.decoder_spec(t.hidden_size, t.num_hidden_layers, t.num_key_value_heads, t.head_dim, t.vocab_size, b, dt)
+    return out
+
+
+def _tool_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"avg_edge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _default_timing_cache() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "avg-edge" / C.TIMING_CACHE_FILE
+
+
+def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResult:
+    from avg_edge.export.graphs import DecoderGraph, RouterGraph, VisionGraph, to_precision
+    from avg_edge.export.onnx_export import export_graph
+    from avg_edge.export.tokenizer_json import write_tokenizer_json
+    from avg_edge.model import load_model
+
+    check_options(o)
+    start = time.perf_counter()
+    out = Path(o.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    step = [0]
+    n_steps = [0]
+
+    def done(what: str, t0: float) -> None:
+        step[0] += 1
+        progress(f"[{step[0]}/{n_steps[0]}] {what} ({time.perf_counter() - t0:.1f} s)")
+
+    try:
+        t0 = time.perf_counter()
+        model = load_model(o.model)
+        config = model.config
+        b = bounds_for(config, o.max_crops, o.max_context)
+        specs = graph_specs(config, b, o.precision)
+        n_steps[0] = 6 + len(specs)
+        done(f"loaded {o.model} ({config.source_layout}, router: {'yes' if config.has_router else 'no'})", t0)
+
+        t0 = time.perf_counter()
+        how = write_tokenizer_json(Path(o.model), tmp / C.TOKENIZER_JSON_FILE)
+        done(f"tokenizer.json {how}", t0)
+
+        torch_dtype = DTYPES[o.precision][1]
+        export_model = to_precision(model, torch_dtype)
+        wrappers = {S.VISION: VisionGraph, S.ROUTER: RouterGraph, S.DECODER: DecoderGraph}
+        for name, spec in specs.items():
+            t0 = time.perf_counter()
+            export_graph(wrappers[name](export_model), spec, tmp, o.opset)
+            done(f"exported {spec.file} ({o.precision}, opset {o.opset})", t0)
+        del export_model
+
+        t0 = time.perf_counter()
+        np_dtype = DTYPES[o.precision][0]
+        table = model.language_model.get_input_embeddings().weight.detach().to(torch_dtype).numpy()
+        np.save(tmp / C.EMBED_TABLE_FILE, table, allow_pickle=False)
+        np.save(tmp / C.IMAGE_NEWLINE_FILE, model.image_newline.detach().to(torch_dtype).numpy(), allow_pickle=False)
+        done(f"wrote {C.EMBED_TABLE_FILE} {list(table.shape)} and {C.IMAGE_NEWLINE_FILE} ({np_dtype})", t0)
+
+        t0 = time.perf_counter()
+        validation: dict[str, GraphValidation] = {}
+        wrapper_diff = None
+        if o.validate:
+            for name, spec in specs.items():
+                v = validate_graph(wrappers[name](model), spec, tmp / spec.file, o.precision)
+                validation[name] = v
+                detail = v.reason if v.status == "skipped" else f"max abs diff {v.max_abs_diff:.2e} over {len(v.points)} points"
+                progress(f"      {name}: {v.status}, {detail}")
+            wrapper_diff = validate_wrapper(model, DecoderGraph(model), config.hidden_size)
+            progress(f"      decoder code vs transformers' Llama: max abs diff {wrapper_diff:.2e}")
+            done("validated against PyTorch", t0)
+        else:
+            done("validation skipped (--no-validate)", t0)
+        failed = [n for n, v in validation.items() if v.status == "failed"]
+        if wrapper_diff is not None and wrapper_diff > 1e-3:
+            failed.append("decoder(code)")
+
+        notes: list[str] = []
+        t0 = time.perf_counter()
+        engines, trt_info = _engines(o, specs, tmp, notes) if not failed else ({}, None)
+        done("TensorRT: " + ("built " + ", ".join(engines) if engines else notes[-1] if notes else "skipped"), t0)
+
+        manifest = Manifest(
+            format_version=C.MANIFEST_FORMAT, precision=o.precision, opset=o.opset,
+            granularities=list(config.granularities), pinpoints=[list(p) for p in config.pinpoints],
+            crop_size=config.crop_size, image_mean=list(config.image_mean), image_std=list(config.image_std),
+            chat_template={"name": "vicuna_v1", "before_image": TEMPLATE_BEFORE_IMAGE, "after_image": TEMPLATE_AFTER_IMAGE},
+            bos_token_id=config.text.bos_token_id, eos_token_id=config.text.eos_token_id,
+            context_length=b.max_context, hidden_size=config.hidden_size, has_router=config.has_router,
+            graphs={n: s.to_dict() for n, s in specs.items()},
+            validation={n: v.to_dict() for n, v in validation.items()} | (
+                {"decoder_code_vs_transformers": wrapper_diff} if wrapper_diff is not None else {}),
+            tools=_tool_versions(), source={"model": str(Path(o.model).resolve()), "layout": config.source_layout},
+            tensorrt=trt_info, engines=engines,
+        )
+        rows = [GraphRow(n, o.precision, _graph_bytes(tmp, s.file), validation[n].max_abs_diff if n in validation else None,
+                         validation[n].status if n in validation else "not run", n in engines) for n, s in specs.items()]
+        if failed:
+            raise BuildError(f"validation failed for {failed}: outputs differ from PyTorch beyond tolerance; "
+                             f"the previous build at {out} is untouched (use --no-validate to keep such a build)")
+
+        t0 = time.perf_counter()
+        manifest.record_files(tmp)
+        (tmp / C.MANIFEST_FILE).write_text(manifest.to_json())
+        _swap_into_place(tmp, out)
+        done(f"wrote {out}", t0)
+        return BuildResult(out, manifest, rows, time.perf_counter() - start, notes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _graph_bytes(folder: Path, file: str) -> int:
+    return sum(p.stat().st_size for p in folder.glob(file + "*"))
+
+
+def _engines(o: BuildOptions, specs: dict[str, S.GraphSpec], tmp: Path, notes: list[str]):
+    if o.backend == "onnx":
+        notes.append("engines not requested (--backend onnx)")
+        return {}, None
+    from avg_edge.export.tensorrt_build import TensorRTUnavailable, build_engine, probe
+
+    try:
+        gpu = probe()
+    except TensorRTUnavailable as e:
+        notes.append(f"engines skipped: {e}")
+        return {}, None
+    cache = o.timing_cache or _default_timing_cache()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    engines = {}
+    for name, spec in specs.items():
+        engine_file = spec.file.replace(".onnx", ".engine")
+        build_engine(tmp / spec.file, spec, tmp / engine_file, cache)
+        engines[name] = engine_file
+    info = {"version": gpu.tensorrt_version, "gpu": gpu.name, "compute_capability": gpu.compute_capability,
+            "timing_cache": str(cache)}
+    return engines, info
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)

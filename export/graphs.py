@@ -1,0 +1,116 @@
+"""The three exported graphs as torch modules whose positional I/O follow the specs.
+
+They reuse the reference's submodules (same weights, same code where the reference's
+code exports); the decoder runs the Llama layers with explicit past/present tensors
+instead of transformers' cache objects, and computes logits only at `logit_positions`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from avg_edge.model.llava import AvgLlavaModel
+
+
+class VisionGraph(nn.Module):
+    """pixel_values [crops, 3, 336, 336] -> features_g [crops, g, D] for every granularity."""
+
+    def __init__(self, model: AvgLlavaModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scaled = self.model.visual_features(pixel_values)           # {g: [crops, g, D]}
+        return tuple(scaled[g] for g in self.model.config.granularities)
+
+
+class RouterGraph(nn.Module):
+    """features_36..features_576, text_embeds [T, D] -> logits [5] (float32)."""
+
+    def __init__(self, model: AvgLlavaModel) -> None:
+        super().__init__()
+        if model.router is None:
+            raise ValueError("this model has no router")
+        self.router = model.router
+        self.granularities = model.config.granularities
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        *feats, text = inputs
+        scaled = dict(zip(self.granularities, feats))
+        return self.router(scaled, text).float()                  # [5]
+
+
+class DecoderGraph(nn.Module):
+    """One Llama step over `seq` new positions with an explicit KV cache.
+
+    inputs_embeds [1, seq, D], attention_mask [1, past + seq], position_ids [1, seq],
+    logit_positions [K], then past key/value [1, kv_heads, past, head_dim] per layer
+    -> logits [1, K, vocab] (float32), then present key/value [1, kv_heads, past + seq, head_dim].
+    """
+
+    def __init__(self, model: AvgLlavaModel) -> None:
+        super().__init__()
+        lm = model.language_model
+        self.layers = lm.model.layers
+        self.norm = lm.model.norm
+        self.rotary = lm.model.rotary_emb
+        self.lm_head = lm.lm_head
+        t = model.config.text
+        self.n_heads, self.n_kv, self.head_dim = t.num_attention_heads, t.num_key_value_heads, t.head_dim
+
+    def _attend(self, layer, h: torch.Tensor, cos, sin, past_k, past_v, allowed):
+        attn = layer.self_attn
+        b, s, _ = h.shape
+        q = attn.q_proj(h).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)   # [1, H, s, hd]
+        k = attn.k_proj(h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)      # [1, KV, s, hd]
+        v = attn.v_proj(h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)      # [1, KV, s, hd]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = torch.cat([past_k, k], dim=2)                                            # [1, KV, t, hd]
+        v = torch.cat([past_v, v], dim=2)                                            # [1, KV, t, hd]
+        rep = self.n_heads // self.n_kv
+        kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k                       # [1, H, t, hd]
+        vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+        scores = (q @ kk.transpose(2, 3)).float() / math.sqrt(self.head_dim)        # [1, H, s, t] fp32
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(vv.dtype)                           # fp32 softmax
+        out = (probs @ vv).transpose(1, 2).reshape(b, s, -1)                          # [1, s, H*hd]
+        return attn.o_proj(out), k, v
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, logit_positions, *past):
+        s = inputs_embeds.shape[1]
+        t = attention_mask.shape[1]
+        past_len = t - s
+        query_pos = torch.arange(s, device=inputs_embeds.device) + past_len          # [s]
+        key_pos = torch.arange(t, device=inputs_embeds.device)                       # [t]
+        causal = key_pos[None, :] <= query_pos[:, None]                              # [s, t]
+        allowed = (causal[None, None] & (attention_mask[:, None, None, :] > 0))      # [1, 1, s, t]
+        cos, sin = self.rotary(inputs_embeds, position_ids)                          # [1, s, hd]
+        h = inputs_embeds
+        presents = []
+        for i, layer in enumerate(self.layers):
+            a, k, v = self._attend(layer, layer.input_layernorm(h), cos, sin, past[2 * i], past[2 * i + 1], allowed)
+            h = h + a
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            presents += [k, v]
+        h = self.norm(h.index_select(1, logit_positions))                            # [1, K, D]
+        logits = self.lm_head(h).float()                                             # [1, K, vocab]
+        return (logits, *presents)
+
+
+def to_precision(model: AvgLlavaModel, dtype: torch.dtype) -> AvgLlavaModel:
+    """The model in `dtype` (a copy unless fp32); fragile parts stay fp32 (see cast_)."""
+    return model if dtype == torch.float32 else copy.deepcopy(model).cast_(dtype)
+
+
+def reference_logits(model: AvgLlavaModel, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """Logits of every position straight from transformers (what the decoder must match)."""
+    with torch.no_grad():
+        return model.language_model(inputs_embeds=inputs_embeds).logits.float()
+
+
+__all__ = ["VisionGraph", "RouterGraph", "DecoderGraph", "reference_logits", "to_precision"]

@@ -1,0 +1,273 @@
+"""One declarative spec per graph: I/O names, dtypes and named axes with min/opt/max.
+
+The exporter's dynamic shapes and dummy inputs, the validation points, the TensorRT
+optimisation profiles, the runtime's input checks and the `inspect` I/O table all
+come from here.  Torch-free (the runtime reads specs back from the manifest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from avg_edge import constants as C
+
+VISION, ROUTER, DECODER = "vision", "router", "decoder"
+GRAPHS = (VISION, ROUTER, DECODER)
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.min <= self.opt <= self.max):
+            raise ValueError(f"axis {self.name}: expected 0 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+
+
+Dim = "int | str"  # a fixed size, or the name of an Axis
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                 # numpy dtype name: "float32", "float16", "int64"
+    shape: tuple[Any, ...]     # ints (fixed) and axis names (dynamic)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A set of axis bounds valid together (a TensorRT optimisation profile)."""
+
+    name: str
+    axes: dict[str, Axis]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    profiles: tuple[Profile, ...]
+    file: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.file:
+            object.__setattr__(self, "file", f"{self.name}.onnx")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def axes(self) -> dict[str, Axis]:
+        """Every axis at its widest bounds over all profiles."""
+        out: dict[str, Axis] = {}
+        for p in self.profiles:
+            for a in p.axes.values():
+                if a.name in out:
+                    o = out[a.name]
+                    a = Axis(a.name, min(o.min, a.min), o.opt, max(o.max, a.max))
+                out[a.name] = a
+        return out
+
+    def shape_of(self, t: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else sizes[d] for d in t.shape)
+
+    def profile_shapes(self, profile: Profile) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """Input name -> (min, opt, max) shapes, as TensorRT's set_shape wants them."""
+        out = {}
+        for t in self.inputs:
+            out[t.name] = tuple(
+                self.shape_of(t, {n: getattr(a, which) for n, a in profile.axes.items()})
+                for which in ("min", "opt", "max")
+            )
+        return out
+
+    def check_inputs(self, feeds: dict[str, np.ndarray]) -> None:
+        """Names, dtypes, fixed sizes and axis bounds; consistent axis values across inputs."""
+        from avg_edge.errors import InputError
+
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = [n for n in feeds if n not in self.input_names]
+        if missing or extra:
+            raise InputError(f"{self.name}: expected inputs {self.input_names}, missing {missing}, unexpected {extra}")
+        seen: dict[str, int] = {}
+        axes = self.axes()
+        for t in self.inputs:
+            arr = feeds[t.name]
+            if str(arr.dtype) != t.dtype:
+                raise InputError(f"{self.name}.{t.name}: expected dtype {t.dtype}, got {arr.dtype}")
+            if arr.ndim != len(t.shape):
+                raise InputError(f"{self.name}.{t.name}: expected shape {list(t.shape)}, got {list(arr.shape)}")
+            for d, n in zip(t.shape, arr.shape):
+                if isinstance(d, int):
+                    if d != n:
+                        raise InputError(f"{self.name}.{t.name}: expected shape {list(t.shape)}, got {list(arr.shape)}")
+                    continue
+                a = axes[d]
+                if not a.min <= n <= a.max:
+                    raise InputError(f"{self.name}.{t.name}: axis '{d}' expected {a.min}..{a.max}, got {n}")
+                if seen.setdefault(d, n) != n:
+                    raise InputError(f"{self.name}.{t.name}: axis '{d}' is {n} here but {seen[d]} in another input")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GraphSpec":
+        def ts(x: dict) -> TensorSpec:
+            return TensorSpec(x["name"], x["dtype"], tuple(x["shape"]))
+
+        return cls(
+            name=d["name"],
+            inputs=tuple(ts(x) for x in d["inputs"]),
+            outputs=tuple(ts(x) for x in d["outputs"]),
+            profiles=tuple(Profile(p["name"], {k: Axis(**a) for k, a in p["axes"].items()}) for p in d["profiles"]),
+            file=d["file"],
+        )
+
+    def io_table(self) -> list[tuple[str, str, str, str]]:
+        """(direction, name, dtype, shape with bounds) rows for README and `inspect`."""
+        axes = self.axes()
+        rows = []
+        for direction, tensors in (("in", self.inputs), ("out", self.outputs)):
+            for t in tensors:
+                dims = [str(d) if isinstance(d, int) else f"{d}[{axes[d].min}..{axes[d].max}]" if d in axes else d for d in t.shape]
+                rows.append((direction, t.name, t.dtype, "[" + ", ".join(dims) + "]"))
+        return rows
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a build supports: crops per image and the decoder's context."""
+
+    max_crops: int
+    max_context: int
+    min_visual: int          # fewest visual tokens an image can give (coarsest granularity)
+    max_visual: int          # most (finest granularity, most tiles)
+    text_opt: int = 48       # a typical prompt without the image
+
+
+def feature_name(granularity: int) -> str:
+    return f"features_{granularity}"
+
+
+def vision_spec(hidden: int, granularities: tuple[int, ...], b: Bounds, crop: int, dtype: str) -> GraphSpec:
+    crops = Axis(C.AXIS_CROPS, 1, min(3, b.max_crops), b.max_crops)
+    return GraphSpec(
+        VISION,
+        inputs=(TensorSpec("pixel_values", dtype, (C.AXIS_CROPS, 3, crop, crop)),),
+        outputs=tuple(TensorSpec(feature_name(g), dtype, (C.AXIS_CROPS, g, hidden)) for g in granularities),
+        profiles=(Profile("default", {C.AXIS_CROPS: crops}),),
+    )
+
+
+def router_spec(hidden: int, granularities: tuple[int, ...], b: Bounds, dtype: str) -> GraphSpec:
+    crops = Axis(C.AXIS_CROPS, 1, min(3, b.max_crops), b.max_crops)
+    text = Axis(C.AXIS_TEXT, 1, min(b.text_opt, b.max_context), b.max_context)
+    return GraphSpec(
+        ROUTER,
+        inputs=tuple(TensorSpec(feature_name(g), dtype, (C.AXIS_CROPS, g, hidden)) for g in granularities)
+        + (TensorSpec("text_embeds", dtype, (C.AXIS_TEXT, hidden)),),
+        outputs=(TensorSpec("logits", "float32", (len(granularities),)),),
+        profiles=(Profile("default", {C.AXIS_CROPS: crops, C.AXIS_TEXT: text}),),
+    )
+
+
+def decoder_spec(hidden: int, layers: int, kv_heads: int, head_dim: int, vocab: int, b: Bounds, dtype: str) -> GraphSpec:
+    ctx = b.max_context
+    kv = (1, kv_heads, C.AXIS_PAST, head_dim)
+    kv_out = (1, kv_heads, C.AXIS_TOTAL, head_dim)
+    inputs = [
+        TensorSpec("inputs_embeds", dtype, (1, C.AXIS_SEQ, hidden)),
+        TensorSpec("attention_mask", "int64", (1, C.AXIS_TOTAL)),
+        TensorSpec("position_ids", "int64", (1, C.AXIS_SEQ)),
+        TensorSpec("logit_positions", "int64", (C.AXIS_LOGITS,)),
+    ]
+    outputs = [TensorSpec("logits", "float32", (1, C.AXIS_LOGITS, vocab))]
+    for i in range(layers):
+        inputs += [TensorSpec(C.past_key_name(i), dtype, kv), TensorSpec(C.past_value_name(i), dtype, kv)]
+        outputs += [TensorSpec(C.present_key_name(i), dtype, kv_out), TensorSpec(C.present_value_name(i), dtype, kv_out)]
+    # The image bounds the prefill: at least the coarsest granularity's tokens, at most the context.
+    prefill_seq = Axis(C.AXIS_SEQ, min(b.min_visual, ctx), min(b.min_visual + b.text_opt, ctx), ctx)
+    prefill = Profile("prefill", {
+        C.AXIS_SEQ: prefill_seq,
+        C.AXIS_PAST: Axis(C.AXIS_PAST, 0, 0, 0),
+        C.AXIS_TOTAL: Axis(C.AXIS_TOTAL, prefill_seq.min, prefill_seq.opt, prefill_seq.max),
+        C.AXIS_LOGITS: Axis(C.AXIS_LOGITS, 1, 1, ctx),
+    })
+    past_opt = min(b.max_visual + b.text_opt, ctx - 1)
+    decode = Profile("decode", {
+        C.AXIS_SEQ: Axis(C.AXIS_SEQ, 1, 1, 1),
+        C.AXIS_PAST: Axis(C.AXIS_PAST, min(b.min_visual, ctx - 1), past_opt, ctx - 1),
+        C.AXIS_TOTAL: Axis(C.AXIS_TOTAL, min(b.min_visual, ctx - 1) + 1, past_opt + 1, ctx),
+        C.AXIS_LOGITS: Axis(C.AXIS_LOGITS, 1, 1, 1),
+    })
+    return GraphSpec(DECODER, tuple(inputs), tuple(outputs), (prefill, decode))
+
+
+# Axes whose size follows from others (total = past + seq): never set on their own.
+DERIVED_AXES = {C.AXIS_TOTAL: (C.AXIS_PAST, C.AXIS_SEQ)}
+
+
+def example_sizes(spec: GraphSpec) -> dict[str, int]:
+    """Sizes for tracing: inside the bounds, >= 2 and distinct where possible, so the
+    exporter neither specialises an axis to 0/1 nor assumes two axes are equal."""
+    out: dict[str, int] = {}
+    taken: set[int] = set()
+    for name, a in sorted(spec.axes().items()):
+        if name in DERIVED_AXES:
+            continue
+        for v in (7, 5, 11, 3, 13, 2, 4, 6, 9, 17):
+            if a.min <= v <= a.max and v not in taken:
+                break
+        else:
+            v = a.max
+        out[name] = v
+        taken.add(v)
+    return with_derived(out)
+
+
+def with_derived(sizes: dict[str, int]) -> dict[str, int]:
+    out = dict(sizes)
+    for name, parts in DERIVED_AXES.items():
+        if all(p in out for p in parts):
+            out[name] = sum(out[p] for p in parts)
+    return out
+
+
+def make_feeds(spec: GraphSpec, sizes: dict[str, int], rng: np.random.Generator, dtype: str | None = None) -> dict[str, np.ndarray]:
+    """Inputs that make sense for each tensor: normal floats, a full attention mask,
+    positions that continue the past, logits for the last K positions."""
+    sizes = with_derived(sizes)
+    feeds: dict[str, np.ndarray] = {}
+    for t in spec.inputs:
+        shape = spec.shape_of(t, sizes)
+        if t.name == "attention_mask":
+            feeds[t.name] = np.ones(shape, np.int64)
+        elif t.name == "position_ids":
+            past = sizes.get(C.AXIS_PAST, 0)
+            feeds[t.name] = (past + np.arange(shape[1], dtype=np.int64))[None]
+        elif t.name == "logit_positions":
+            seq = sizes[C.AXIS_SEQ]
+            feeds[t.name] = np.arange(seq - shape[0], seq, dtype=np.int64)
+        else:
+            feeds[t.name] = rng.standard_normal(shape).astype(dtype or t.dtype)
+    return feeds
+
+
+def iter_points(spec: GraphSpec) -> Iterator[tuple[str, dict[str, int]]]:
+    """Validation points: each profile at min, opt and max of its axes."""
+    for p in spec.profiles:
+        for which in ("min", "opt", "max"):
+            sizes = {n: getattr(a, which) for n, a in p.axes.items() if n not in DERIVED_AXES}
+            yield f"{p.name}:{which}", with_derived(sizes)
