@@ -20,8 +20,8 @@ from avg_edge.errors import AvgEdgeError, UsageError
 DEFAULT_BUILD_DIR = Path("builds/avg-edge-demo")
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "model" / "demo" / "checkpoint"
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
 
 export_app = typer.Typer(name="avg-export", help="Export AVG-LLaVA to ONNX (and TensorRT engines where possible).",
                          no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -79,7 +79,7 @@ def build_cmd(
     output = output or Path("builds") / f"{model.resolve().name}-{precision}"
     opts = BuildOptions(model=model, output=output, precision=precision, backend=backend, max_crops=max_crops,
                         max_context=max_context, opset=opset, validate=not no_validate, force=force)
-    result = build(opts, progress=lambda line: err.print(line, markup=False, soft_wrap=True))
+    result = build(opts, progress=lambda line: err.print(line, markup=False))
     table = Table(title=f"{result.output}  ({result.seconds:.1f} s)")
     for col in ("graph", "precision", "size", "max diff", "validation", "engine"):
         table.add_column(col)

@@ -89,12 +89,13 @@ def check_options(o: BuildOptions) -> None:
         raise UsageError(f"output folder {out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a folder")
-    parent = out.resolve().parent
-    probe_parent = parent
-    while not probe_parent.exists():
-        probe_parent = probe_parent.parent
-    if not os.access(probe_parent, os.W_OK):
-        raise UsageError(f"cannot write the output: {probe_parent} is not writable")
+    nearest = out.resolve().parent
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise UsageError(f"cannot write the output {out}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK):
+        raise UsageError(f"cannot write the output {out}: {nearest} is not writable")
     if o.backend == "trt":
         from avg_edge.export.tensorrt_build import TensorRTUnavailable, probe
 
@@ -152,10 +153,13 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResu
     check_options(o)
     start = time.perf_counter()
     out = Path(o.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise UsageError(f"cannot write the output {out}: {e.strerror or e}") from e
     step = [0]
     n_steps = [0]
 

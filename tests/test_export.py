@@ -1,0 +1,227 @@
+"""avg-export build/inspect on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from avg_edge import constants as C
+from avg_edge.cli import export_app
+from avg_edge.export.build import BuildOptions, bounds_for, build, graph_specs
+from avg_edge.export.manifest import BuildFolderError, load_manifest, sha256_file
+from conftest import textured_image
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def fp32_build(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("builds") / "tiny-fp32"
+    lines: list[str] = []
+    result = build(BuildOptions(model=tiny_ckpt, output=out, max_context=1024), progress=lines.append)
+    return out, result, lines
+
+
+def test_build_folder_holds_graphs_tables_tokenizer_manifest(fp32_build):
+    out, result, lines = fp32_build
+    names = {p.name for p in out.iterdir()}
+    assert {"vision.onnx", "router.onnx", "decoder.onnx", C.EMBED_TABLE_FILE, C.IMAGE_NEWLINE_FILE,
+            C.TOKENIZER_JSON_FILE, C.MANIFEST_FILE} <= names
+    for f in ("vision.onnx", "router.onnx", "decoder.onnx"):
+        onnx.checker.check_model(str(out / f))
+    assert np.load(out / C.EMBED_TABLE_FILE, allow_pickle=False).shape == (result.manifest.graphs["decoder"]["outputs"][0]["shape"][2], 64)
+    # one progress line per stage, numbered, with elapsed time
+    stages = [ln for ln in lines if ln.startswith("[")]
+    assert len(stages) == 9 and stages[-1].startswith("[9/9]") and all(ln.endswith(" s)") for ln in stages)
+
+
+def test_manifest_contents(fp32_build, tiny_ckpt):
+    out, result, _ = fp32_build
+    m = load_manifest(out, verify=True)
+    assert m.format_version == C.MANIFEST_FORMAT and m.precision == "fp32" and m.opset == 18
+    assert m.granularities == [36, 72, 144, 288, 576] and m.crop_size == 336
+    assert m.pinpoints[0] == [336, 672] and m.has_router and m.context_length == 1024
+    assert (m.bos_token_id, m.eos_token_id) == (1, 2)
+    assert m.chat_template["before_image"].endswith("USER: ") and "{question}" in m.chat_template["after_image"]
+    assert set(m.files) == {p.name for p in out.iterdir() if p.name != C.MANIFEST_FILE}
+    assert all(m.files[n]["sha256"] == sha256_file(out / n) for n in m.files)
+    for graph, n_points in (("vision", 3), ("router", 3), ("decoder", 6)):
+        v = m.validation[graph]
+        assert v["status"] == "passed" and len(v["points"]) == n_points
+        assert 0 <= v["max_abs_diff"] < 1e-3
+    assert m.validation["decoder_code_vs_transformers"] < 1e-4
+    assert {"torch", "onnx", "onnxruntime", "transformers", "avg_edge"} <= set(m.tools)
+    assert m.tensorrt is None and m.engines == {}
+
+
+def test_onnx_graphs_reproduce_the_reference_greedy_answer(fp32_build, tiny_model):
+    """Independent of the build's own validation: run the three graphs by hand on a real
+    image and prompt and compare with the reference's choice and greedy tokens."""
+    import onnxruntime as ort
+
+    out, result, _ = fp32_build
+    sess = {g: ort.InferenceSession(str(out / f"{g}.onnx"), providers=["CPUExecutionProvider"]) for g in ("vision", "router", "decoder")}
+    image, question = textured_image(500, 380, seed=11), "What colour is the background?"
+    ref = tiny_model.generate(image, question, max_new_tokens=8)
+    prep = tiny_model.prepare(image, question)
+
+    feats = sess["vision"].run(None, {"pixel_values": prep.image.pixel_values})
+    for g, f in zip(tiny_model.config.granularities, feats):
+        np.testing.assert_allclose(f, prep.scaled[g].numpy(), atol=1e-4)
+    table = np.load(out / C.EMBED_TABLE_FILE)
+    text = table[prep.ids_before + prep.ids_after]
+    logits = sess["router"].run(None, {**{f"features_{g}": f for g, f in zip(tiny_model.config.granularities, feats)}, "text_embeds": text})[0]
+    assert tiny_model.config.granularities[int(np.argmax(logits))] == ref.granularity
+    np.testing.assert_allclose(logits, np.array(ref.router_logits), atol=1e-4)
+
+    emb = prep.inputs_embeds.numpy()
+    spec = result.manifest.spec("decoder")
+    n_layers = tiny_model.config.text.num_hidden_layers
+    kv = {t.name: np.zeros((1, 4, 0, 16), np.float32) for t in spec.inputs[4:]}
+    ids, pos = [], emb.shape[1]
+    feeds = {"inputs_embeds": emb, "attention_mask": np.ones((1, pos), np.int64),
+             "position_ids": np.arange(pos)[None], "logit_positions": np.array([pos - 1]), **kv}
+    for _ in range(8):
+        outs = sess["decoder"].run(None, feeds)
+        nxt = int(outs[0][0, -1].argmax())
+        if nxt == tiny_model.config.text.eos_token_id:
+            break
+        ids.append(nxt)
+        kv = {f"past_key_values.{i}.{w}": outs[1 + 2 * i + j] for i in range(n_layers) for j, w in enumerate(("key", "value"))}
+        feeds = {"inputs_embeds": table[[nxt]][None], "attention_mask": np.ones((1, pos + 1), np.int64),
+                 "position_ids": np.array([[pos]]), "logit_positions": np.array([0]), **kv}
+        pos += 1
+    assert ids == ref.token_ids
+
+
+def test_fp16_build_validates(tiny_ckpt, tmp_path):
+    res = build(BuildOptions(model=tiny_ckpt, output=tmp_path / "fp16", precision="fp16", max_context=256), progress=lambda s: None)
+    m = load_manifest(tmp_path / "fp16")
+    assert m.precision == "fp16" and m.graphs["decoder"]["inputs"][0]["dtype"] == "float16"
+    assert np.load(tmp_path / "fp16" / C.EMBED_TABLE_FILE).dtype == np.float16
+    for g in ("vision", "router", "decoder"):
+        assert m.validation[g]["status"] == "passed", m.validation[g]
+        assert 1e-6 < m.validation[g]["max_abs_diff"] < 2e-2  # fp16 differs, but not much
+    assert all(r.validation == "passed" for r in res.rows)
+
+
+def test_stage3_build_has_no_router_graph(tiny_stage3_ckpt, tmp_path):
+    build(BuildOptions(model=tiny_stage3_ckpt, output=tmp_path / "s3", max_context=256, validate=False), progress=lambda s: None)
+    m = load_manifest(tmp_path / "s3")
+    assert not m.has_router and "router" not in m.graphs and not (tmp_path / "s3" / "router.onnx").exists()
+    assert m.validation == {}
+
+
+def test_tensorrt_profiles_come_from_the_specs(tiny_model):
+    b = bounds_for(tiny_model.config, None, None)
+    assert (b.max_crops, b.max_context, b.min_visual, b.max_visual) == (5, 4096, 36, 2928)
+    specs = graph_specs(tiny_model.config, b, "fp16")
+    dec = specs["decoder"]
+    prefill, decode = dec.profiles
+    shapes = dec.profile_shapes(prefill)
+    assert shapes["inputs_embeds"] == ((1, 36, 64), (1, 84, 64), (1, 4096, 64))
+    assert shapes["past_key_values.0.key"] == ((1, 4, 0, 16),) * 3
+    assert shapes["logit_positions"] == ((1,), (1,), (4096,))
+    shapes = dec.profile_shapes(decode)
+    assert shapes["inputs_embeds"] == ((1, 1, 64),) * 3
+    assert shapes["past_key_values.1.value"] == ((1, 4, 36, 16), (1, 4, 2976, 16), (1, 4, 4095, 16))
+    assert shapes["attention_mask"] == ((1, 37), (1, 2977), (1, 4096))
+    assert specs["vision"].profile_shapes(specs["vision"].profiles[0])["pixel_values"] == (
+        (1, 3, 336, 336), (3, 3, 336, 336), (5, 3, 336, 336))
+    assert specs["router"].profile_shapes(specs["router"].profiles[0])["text_embeds"] == ((1, 64), (48, 64), (4096, 64))
+
+
+@pytest.mark.gpu
+def test_tensorrt_engines_build_and_are_recorded(tiny_ckpt, tmp_path):
+    res = build(BuildOptions(model=tiny_ckpt, output=tmp_path / "trt", precision="fp16", backend="trt", max_context=512),
+                progress=lambda s: None)
+    m = res.manifest
+    assert set(m.engines) == {"vision", "router", "decoder"} and m.tensorrt["version"]
+    assert all((tmp_path / "trt" / f).stat().st_size > 0 for f in m.engines.values())
+
+
+def test_inspect_prints_manifest_and_io_tables(fp32_build):
+    out, _, _ = fp32_build
+    r = runner.invoke(export_app, ["inspect", str(out), "--verify"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "format 1, fp32, opset 18, context 1024, router: yes" in r.output
+    assert "past_key_values.1.value" in r.output and "[1, 4, past_len[0..1023], 16]" in r.output
+    assert "profile decode: seq_len 1/1/1" in r.output and "TensorRT engines: none" in r.output
+
+
+@pytest.mark.parametrize("args,code,match", [
+    (["-m", "/nonexistent/model", "-o", "{tmp}/o"], 2, "model folder not found: /nonexistent/model"),
+    (["-m", "{ckpt}", "-o", "{tmp}/o", "--precision", "fp8"], 2, "--precision: expected one of ['fp32', 'fp16'], got 'fp8'"),
+    (["-m", "{ckpt}", "-o", "{tmp}/o", "--precision", "int8"], 2, "int8/int4 builds arrive with calibration"),
+    (["-m", "{ckpt}", "-o", "{tmp}/exists"], 2, "already exists; pass --force"),
+    (["-m", "{ckpt}", "-o", "{tmp}/afile/o"], 2, "is a file, not a folder"),
+    (["-m", "{ckpt}", "-o", "/proc/avg-edge-build"], 2, "cannot write the output"),
+    (["-m", "{ckpt}", "-o", "{tmp}/o", "--backend", "trt"], 2, "pip install 'avg-edge[gpu]'"),
+    (["-m", "{ckpt}", "-o", "{tmp}/o", "--opset", "12"], 2, "--opset: expected 17..23, got 12"),
+])
+def test_build_errors_are_one_line_with_exit_codes(tiny_ckpt, tmp_path, args, code, match):
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "afile").write_text("x")
+    args = [a.format(tmp=tmp_path, ckpt=tiny_ckpt) for a in args]
+    r = runner.invoke(export_app, ["build", *args], terminal_width=400)
+    assert r.exit_code == code, r.output
+    assert match in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_errors(tmp_path):
+    r = runner.invoke(export_app, ["inspect", str(tmp_path)])
+    assert r.exit_code == 1 and "no manifest.json; not a complete build" in r.output
+    (tmp_path / C.MANIFEST_FILE).write_text(json.dumps({"format_version": 99}))
+    r = runner.invoke(export_app, ["inspect", str(tmp_path)], terminal_width=300)
+    assert r.exit_code == 1 and "build format version 99, this avg-edge reads version 1" in r.output
+
+
+def test_killed_build_leaves_previous_build_intact(fp32_build, tiny_ckpt, tmp_path):
+    out, _, _ = fp32_build
+    target = tmp_path / "kill" / "build"
+    target.parent.mkdir()
+    import shutil
+
+    shutil.copytree(out, target)
+    before = {p.name: sha256_file(p) for p in target.iterdir()}
+    cmd = [sys.executable, "-c", "from avg_edge.cli import export_main; export_main()",
+           "build", "-m", str(tiny_ckpt), "-o", str(target), "--force", "--max-context", "512"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.time() + 120
+        for line in proc.stderr:               # wait until the export is under way
+            if "exported vision.onnx" in line or time.time() > deadline:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert {p.name: sha256_file(p) for p in target.iterdir()} == before
+    load_manifest(target, verify=True)
+    leftovers = [p for p in target.parent.iterdir() if p != target]
+    assert all(p.name.startswith(".build.building-") for p in leftovers)
+    for p in leftovers:                        # a half build is never accepted
+        with pytest.raises(BuildFolderError, match="no manifest.json"):
+            load_manifest(p)
+
+
+def test_default_model_is_the_demo_when_present(tmp_path, monkeypatch):
+    import avg_edge.cli as cli
+
+    monkeypatch.setattr(cli, "DEMO_CHECKPOINT", tmp_path / "missing-demo")
+    r = runner.invoke(export_app, ["build"], terminal_width=300)
+    assert r.exit_code == 2 and "no -m given and the bundled demo model is missing" in r.output
