@@ -22,5 +22,8 @@ demo: $(VENV)/.installed
 	@echo "make demo arrives with the demo-model and runtime issues (#4, #5): not built yet." >&2
 	@exit 2
 
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_export.py
+
 clean:
 	rm -rf $(VENV) *.egg-info
