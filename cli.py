@@ -123,8 +123,92 @@ def inspect_cmd(build_dir: Path = typer.Argument(..., help="A build folder."),
     out.print("tools: " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))
 
 
+run_app = typer.Typer(name="avg-run", add_completion=False, pretty_exceptions_enable=False,
+                      help="Answer a question about an image with a build folder (no torch needed).")
+
+GRANULARITY_HELP = "auto (the router chooses) or a token count per crop: 36, 72, 144, 288, 576."
+
+
+@run_app.command()
+@_exits
+def run_cmd(
+    image: str = typer.Argument(..., help="Image file (PNG, JPEG, WebP, GIF, BMP, TIFF), or - for standard input."),
+    question: str = typer.Argument(..., help="The question."),
+    model: Path = typer.Option(DEFAULT_BUILD_DIR, "-m", "--model", help="Build folder made by avg-export build."),
+    granularity: str = typer.Option("auto", "--granularity", "-g", help=GRANULARITY_HELP),
+    backend: str = typer.Option("auto", "--backend", help="auto (TensorRT engines if usable, else ONNX Runtime), ort or trt."),
+    max_tokens: int = typer.Option(256, "-n", "--max-tokens", help="Most tokens to generate."),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 = greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling threshold."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Timing summary on stderr."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    verify: bool = typer.Option(False, "--verify", help="Check every build file's sha256 first."),
+) -> None:
+    """Stream the answer to stdout; exit 0 ok, 1 runtime error, 2 usage error."""
+    import json
+
+    from avg_edge.runtime.pipeline import BACKENDS, Pipeline
+
+    if image != "-" and not Path(image).exists():
+        raise UsageError(f"image file not found: {image}")
+    if not question.strip():
+        raise UsageError("question: expected some text, got an empty question")
+    if granularity != "auto" and granularity not in ("36", "72", "144", "288", "576"):
+        raise UsageError(f"--granularity: expected auto, 36, 72, 144, 288 or 576, got {granularity!r}")
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens: expected a positive integer, got {max_tokens}")
+    if not model.is_dir():
+        hint = "make it with: make demo (or avg-export build)" if model == DEFAULT_BUILD_DIR else "pass -m BUILD_DIR"
+        raise UsageError(f"build folder not found: {model} ({hint})")
+    source = sys.stdin.buffer.read() if image == "-" else image
+    pipe = Pipeline.load(model, backend=backend, verify=verify)
+    on_text = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    result = pipe.generate(source, question, granularity=None if granularity == "auto" else int(granularity),
+                           max_new_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
+                           on_text=on_text)
+    if as_json:
+        d = {"answer": result.text, **result.to_dict(), "backend": pipe.describe_backend()}
+        del d["text"]
+        sys.stdout.write(json.dumps(d) + "\n")
+    else:
+        sys.stdout.write("\n")
+    if verbose:
+        err.print(timing_summary(result, pipe.granularities, pipe.describe_backend()), markup=False)
+
+
+def timing_summary(r, granularities: list[int], backend: str) -> str:
+    t = r.timings
+    ms = lambda s: f"{s * 1000:10.2f} ms"  # noqa: E731
+    share = 100.0 * r.visual_tokens / r.visual_tokens_full if r.visual_tokens_full else 100.0
+    chosen = (f"granularity {r.granularity} (router p={r.router_probs[granularities.index(r.granularity)]:.2f})"
+              if r.router_probs else f"granularity {r.granularity} (fixed)")
+    lines = [
+        f"backend:              {backend}",
+        f"load time:            {ms(t.load)}",
+        f"image preprocess:     {ms(t.preprocess)}",
+        f"vision:               {ms(t.vision)}",
+        f"router:               {ms(t.router)}  -> {chosen}",
+        f"visual tokens:        {r.visual_tokens:10d}    vs {r.visual_tokens_full} at {granularities[-1]} ({share:.1f}%)",
+        f"prompt eval count:    {t.prompt_eval_count:10d} token(s)",
+        f"prompt eval duration: {ms(t.prompt_eval)}  ({t.prompt_eval_rate:.2f} tokens/s)",
+        f"eval count:           {t.eval_count:10d} token(s)",
+        f"eval duration:        {ms(t.eval)}  ({t.eval_rate:.2f} tokens/s)",
+        f"time to first token:  {ms(t.time_to_first_token)}",
+        f"total duration:       {ms(t.total)}  ({100 * t.overhead_share:.1f}% outside backend calls)",
+    ]
+    return "\n".join(lines)
+
+
 def export_main() -> None:
     export_app()
+
+
+def run_main() -> None:
+    run_app()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,10 +1,11 @@
 """Geometry of `spatial_unpad` packing, shared by the PyTorch reference and the runtime.
 
-Pure Python: no torch, no numpy.
+No torch; numpy only inside `gather_indices`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 
@@ -44,3 +45,27 @@ def visual_token_count(tokens: int, grid_tiles: tuple[int, int], image_size: tup
     tiles_w, tiles_h = grid_tiles
     r0, r1, c0, c1 = unpad_bounds(tiles_h * h, tiles_w * w, image_size)
     return tokens + (r1 - r0) * (c1 - c0 + 1)
+
+
+@functools.lru_cache(maxsize=256)
+def gather_indices(tokens: int, grid_tiles: tuple[int, int], image_size: tuple[int, int]) -> "np.ndarray":
+    """Row indices that pack one granularity with a single gather.
+
+    The source is the granularity's features flattened to [crops * tokens, D] with the
+    newline vector appended as row crops * tokens.  Same order as the reference's
+    permute/flatten/unpad/cat: global crop, then each kept row of the stitched tile grid
+    followed by the newline."""
+    import numpy as np
+
+    h, w = grid_hw(tokens)
+    tiles_w, tiles_h = grid_tiles
+    newline = (1 + tiles_w * tiles_h) * tokens
+    r0, r1, c0, c1 = unpad_bounds(tiles_h * h, tiles_w * w, image_size)
+    rows = np.arange(r0, r1)[:, None]                               # stitched-grid rows [H', 1]
+    cols = np.arange(c0, c1)[None, :]                               # stitched-grid cols [1, W']
+    tile = (rows // h) * tiles_w + (cols // w)                      # which tile        [H', W']
+    local = (1 + tile) * tokens + (rows % h) * w + (cols % w)       # row in the source [H', W']
+    local = np.concatenate([local, np.full((local.shape[0], 1), newline)], axis=1)  # [H', W'+1]
+    idx = np.concatenate([np.arange(tokens), local.reshape(-1)]).astype(np.int64)
+    idx.setflags(write=False)
+    return idx

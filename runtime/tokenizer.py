@@ -18,6 +18,7 @@ from avg_edge.errors import CheckpointError
 class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...  # no special tokens
     def decode(self, ids: list[int]) -> str: ...   # special tokens skipped
+    def is_byte(self, token: int) -> bool: ...     # a byte-fallback piece (<0xNN>)
     @property
     def vocab_size(self) -> int: ...
 
@@ -33,6 +34,11 @@ class JsonTokenizer:
             self._tok = _HFTokenizer.from_file(str(self.path))
         except Exception as e:  # tokenizers raises a bare Exception on bad files
             raise CheckpointError(f"{self.path}: not a valid tokenizer.json ({e})") from e
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self._bytes = frozenset(i for t, i in vocab.items() if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
+
+    def is_byte(self, token: int) -> bool:
+        return token in self._bytes
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
@@ -65,6 +71,9 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text, out_type=int))
+
+    def is_byte(self, token: int) -> bool:
+        return bool(self._sp.IsByte(int(token)))
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode([int(i) for i in ids])

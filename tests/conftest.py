@@ -43,6 +43,17 @@ def tiny_model(tiny_ckpt):
     return load_model(tiny_ckpt)
 
 
+@pytest.fixture(scope="session")
+def tiny_build(tiny_ckpt, tmp_path_factory):
+    """An fp32 build of the tiny checkpoint: (folder, BuildResult, progress lines)."""
+    from avg_edge.export.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("builds") / "tiny-fp32"
+    lines: list[str] = []
+    result = build(BuildOptions(model=tiny_ckpt, output=out, max_context=4096), progress=lines.append)
+    return out, result, lines
+
+
 def textured_image(width: int, height: int, seed: int = 0):
     """A seeded RGB image with structure (gradients + noise), not a flat colour."""
     from PIL import Image

@@ -26,11 +26,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def fp32_build(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("builds") / "tiny-fp32"
-    lines: list[str] = []
-    result = build(BuildOptions(model=tiny_ckpt, output=out, max_context=1024), progress=lines.append)
-    return out, result, lines
+def fp32_build(tiny_build):
+    return tiny_build
 
 
 def test_build_folder_holds_graphs_tables_tokenizer_manifest(fp32_build):
@@ -51,7 +48,7 @@ def test_manifest_contents(fp32_build, tiny_ckpt):
     m = load_manifest(out, verify=True)
     assert m.format_version == C.MANIFEST_FORMAT and m.precision == "fp32" and m.opset == 18
     assert m.granularities == [36, 72, 144, 288, 576] and m.crop_size == 336
-    assert m.pinpoints[0] == [336, 672] and m.has_router and m.context_length == 1024
+    assert m.pinpoints[0] == [336, 672] and m.has_router and m.context_length == 4096
     assert (m.bos_token_id, m.eos_token_id) == (1, 2)
     assert m.chat_template["before_image"].endswith("USER: ") and "{question}" in m.chat_template["after_image"]
     assert set(m.files) == {p.name for p in out.iterdir() if p.name != C.MANIFEST_FILE}
@@ -155,8 +152,8 @@ def test_inspect_prints_manifest_and_io_tables(fp32_build):
     out, _, _ = fp32_build
     r = runner.invoke(export_app, ["inspect", str(out), "--verify"], terminal_width=200)
     assert r.exit_code == 0, r.output
-    assert "format 1, fp32, opset 18, context 1024, router: yes" in r.output
-    assert "past_key_values.1.value" in r.output and "[1, 4, past_len[0..1023], 16]" in r.output
+    assert "format 1, fp32, opset 18, context 4096, router: yes" in r.output
+    assert "past_key_values.1.value" in r.output and "[1, 4, past_len[0..4095], 16]" in r.output
     assert "profile decode: seq_len 1/1/1" in r.output and "TensorRT engines: none" in r.output
 
 
