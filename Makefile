@@ -23,6 +23,7 @@ demo: $(VENV)/.installed
 	@exit 2
 
 bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_runtime.py
 	$(PY) benchmarks/bench_export.py
 
 clean:

@@ -112,3 +112,15 @@ def make_tiny_checkpoint(folder: Path, router: bool = True, seed: int = 0, max_s
     (folder / "tiny-clip" / "config.json").write_text(json.dumps(TINY_CLIP))
     shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def textured_image(width: int, height: int, seed: int = 0):
+    """A seeded RGB image with structure (gradients + noise), not a flat colour."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1), (xx + yy) % 256], -1)
+    noise = rng.integers(0, 64, size=(height, width, 3))
+    return Image.fromarray(((base + noise) % 256).astype(np.uint8), "RGB")

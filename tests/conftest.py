@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from avg_edge.model.tiny import (  # noqa: F401  (re-exported for the tests)
-    SENTENCES, TINY_CLIP, make_tiny_checkpoint as make_checkpoint, randomize_, tiny_config_dict, train_sentencepiece,
+    SENTENCES, TINY_CLIP, make_tiny_checkpoint as make_checkpoint, randomize_, textured_image, tiny_config_dict,
+    train_sentencepiece,
 )
 
 
@@ -52,14 +53,3 @@ def tiny_build(tiny_ckpt, tmp_path_factory):
     lines: list[str] = []
     result = build(BuildOptions(model=tiny_ckpt, output=out, max_context=4096), progress=lines.append)
     return out, result, lines
-
-
-def textured_image(width: int, height: int, seed: int = 0):
-    """A seeded RGB image with structure (gradients + noise), not a flat colour."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1), (xx + yy) % 256], -1)
-    noise = rng.integers(0, 64, size=(height, width, 3))
-    return Image.fromarray(((base + noise) % 256).astype(np.uint8), "RGB")
