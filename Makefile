@@ -6,13 +6,13 @@ PY := $(VENV)/bin/python
 # any other spec pulls a multi-gigabyte CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench capi clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[export,dev]"
+	$(PY) -m pip install -q -e ".[export,capi,serve,dev]"
 	touch $@
 
 test: $(VENV)/.installed
@@ -25,6 +25,11 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_runtime.py
 	$(PY) benchmarks/bench_export.py
+
+capi: $(VENV)/.installed
+	$(PY) -m avg_edge.runtime.capi.build --out build/capi
+	cc -Wall -I include examples/c/avg_edge_example.c -L build/capi -lavg_edge -Wl,-rpath,$(CURDIR)/build/capi -o build/avg_edge_example
+	@echo "try: build/avg_edge_example builds/avg-edge-demo examples/<image>.png \"What colour is the background?\""
 
 clean:
 	rm -rf $(VENV) *.egg-info

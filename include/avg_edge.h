@@ -1,0 +1,71 @@
+/*
+ * avg_edge.h: the C ABI of the avg-edge runtime (libavg_edge.so).
+ *
+ * Build the library with `make capi` (or `python -m avg_edge.runtime.capi.build`);
+ * it embeds CPython and the avg-edge runtime (no torch).  Link with -lavg_edge.
+ *
+ * Ownership
+ *   - Strings you pass in are only read during the call; you keep them.
+ *   - *result_json from avg_edge_run is allocated by the library: release it with
+ *     avg_edge_free_string().  Never free() it yourself.
+ *   - avg_edge_last_error() and avg_edge_version() return library-owned strings: do not
+ *     free them.  last_error stays valid until the next avg_edge_* call on the same thread.
+ *   - The text piece passed to the token callback is valid only during the callback.
+ *
+ * Threads
+ *   - Every function may be called from any thread.  Calls on one context are
+ *     serialised (a second avg_edge_run on the same context waits for the first);
+ *     separate contexts may run from separate threads.
+ *   - The last error is per thread.
+ *
+ * Return codes: AVG_EDGE_OK (0) or one of the AVG_EDGE_ERR_* below; the message is in
+ * avg_edge_last_error().  Errors never abort the host process.
+ */
+#ifndef AVG_EDGE_H
+#define AVG_EDGE_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* BEGIN CDEF (this block is also what the library is built from) */
+#define AVG_EDGE_OK 0
+#define AVG_EDGE_ERR_ARGUMENT 1   /* a NULL pointer, an empty question, a bad option */
+#define AVG_EDGE_ERR_BUILD 2      /* build folder missing, incomplete, corrupt or of another format */
+#define AVG_EDGE_ERR_IMAGE 3      /* the image bytes could not be decoded */
+#define AVG_EDGE_ERR_RUNTIME 4    /* inference failed (backend, prompt longer than the context, ...) */
+#define AVG_EDGE_ERR_CANCELLED 5  /* the token callback returned non-zero */
+#define AVG_EDGE_ERR_INTERNAL 6   /* a bug: please report the message */
+
+typedef struct avg_edge_ctx avg_edge_ctx;
+
+/* Called with each new piece of the answer (UTF-8, NUL-terminated).  Return 0 to go on,
+ * non-zero to stop (avg_edge_run then returns AVG_EDGE_ERR_CANCELLED). */
+typedef int (*avg_edge_token_cb)(const char *piece, void *user_data);
+
+/* Open a build folder made by `avg-export build`.  options_json may be NULL or e.g.
+ * {"backend": "auto"|"ort"|"trt", "verify": false, "threads": 0}. */
+int avg_edge_open(const char *build_dir, const char *options_json, avg_edge_ctx **out_ctx);
+
+/* Answer `question` about the image in (image, image_len) (PNG, JPEG, ... bytes).
+ * params_json may be NULL or {"granularity": "auto"|36|72|144|288|576, "max_new_tokens": 256,
+ * "temperature": 0.0, "top_k": null, "top_p": null, "seed": null}.  on_token may be NULL.
+ * On success *result_json (if result_json is not NULL) receives
+ * {"answer", "token_ids", "granularity", "router_probs", "visual_tokens", "visual_tokens_full", "timings"}. */
+int avg_edge_run(avg_edge_ctx *ctx, const unsigned char *image, size_t image_len, const char *question,
+                 const char *params_json, avg_edge_token_cb on_token, void *user_data, char **result_json);
+
+void avg_edge_free_string(char *s);
+const char *avg_edge_last_error(void);
+const char *avg_edge_version(void);
+
+/* Release the context; NULL is accepted and ignored. */
+int avg_edge_close(avg_edge_ctx *ctx);
+/* END CDEF */
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* AVG_EDGE_H */

@@ -1,0 +1,1 @@
+"""Backends behind one protocol: ONNX Runtime and TensorRT."""

@@ -1,0 +1,161 @@
+"""Python side of libavg_edge.so: each `avg_edge_*` C function, defined with cffi's
+def_extern inside the embedded interpreter.  No exception ever crosses into C: every
+call returns a code and leaves a message for avg_edge_last_error()."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from typing import Any
+
+from avg_edge import __version__
+from avg_edge.errors import AvgEdgeError, CheckpointError, ImageError, InputError, UsageError
+
+OK, ERR_ARGUMENT, ERR_BUILD, ERR_IMAGE, ERR_RUNTIME, ERR_CANCELLED, ERR_INTERNAL = range(7)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _code_for(e: BaseException, opening: bool) -> int:
+    from avg_edge.export.manifest import BuildFolderError
+
+    if isinstance(e, _Cancelled):
+        return ERR_CANCELLED
+    if isinstance(e, ImageError):
+        return ERR_IMAGE
+    if isinstance(e, (InputError, UsageError)):
+        return ERR_ARGUMENT
+    if isinstance(e, (BuildFolderError, CheckpointError)) or (opening and isinstance(e, AvgEdgeError)):
+        return ERR_BUILD
+    if isinstance(e, AvgEdgeError):
+        return ERR_RUNTIME
+    return ERR_INTERNAL
+
+
+def install(ffi: Any, lib: Any) -> None:
+    contexts: dict[int, tuple[Any, threading.Lock]] = {}
+    ids = itertools.count(1)
+    registry_lock = threading.Lock()
+    tls = threading.local()
+    version = ffi.new("char[]", __version__.encode())
+    empty = ffi.new("char[]", b"")
+
+    def fail(code: int, message: str) -> int:
+        tls.error = ffi.new("char[]", message.encode("utf-8", "replace"))
+        return code
+
+    def text(ptr: Any, what: str) -> str:
+        if ptr == ffi.NULL:
+            raise InputError(f"{what}: expected a string, got NULL")
+        return ffi.string(ptr).decode("utf-8")
+
+    def options(ptr: Any, what: str) -> dict:
+        if ptr == ffi.NULL:
+            return {}
+        raw = ffi.string(ptr).decode("utf-8")
+        try:
+            value = json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError as e:
+            raise InputError(f"{what}: expected a JSON object, got {raw[:80]!r} ({e})") from e
+        if not isinstance(value, dict):
+            raise InputError(f"{what}: expected a JSON object, got {type(value).__name__}")
+        return value
+
+    def lookup(ctx: Any) -> tuple[Any, threading.Lock]:
+        if ctx == ffi.NULL:
+            raise InputError("ctx: expected a context from avg_edge_open, got NULL")
+        key = int(ffi.cast("uintptr_t", ctx))
+        with registry_lock:
+            if key not in contexts:
+                raise InputError("ctx: not an open context (already closed?)")
+            return contexts[key]
+
+    @ffi.def_extern(error=ERR_INTERNAL)
+    def avg_edge_open(build_dir, options_json, out_ctx):  # noqa: ANN001
+        tls.error = None
+        try:
+            if out_ctx == ffi.NULL:
+                raise InputError("out_ctx: expected a pointer to receive the context, got NULL")
+            out_ctx[0] = ffi.NULL
+            folder = text(build_dir, "build_dir")
+            opts = options(options_json, "options_json")
+            unknown = set(opts) - {"backend", "verify", "threads"}
+            if unknown:
+                raise InputError(f"options_json: unknown keys {sorted(unknown)}; valid: backend, verify, threads")
+            from avg_edge.runtime.pipeline import Pipeline
+
+            pipe = Pipeline.load(folder, backend=opts.get("backend", "auto"), verify=bool(opts.get("verify", False)),
+                                 threads=int(opts.get("threads", 0)))
+            with registry_lock:
+                key = next(ids)
+                contexts[key] = (pipe, threading.Lock())
+            out_ctx[0] = ffi.cast("avg_edge_ctx *", key)
+            return OK
+        except BaseException as e:  # noqa: BLE001 - nothing may cross into C
+            return fail(_code_for(e, opening=True), str(e) or type(e).__name__)
+
+    @ffi.def_extern(error=ERR_INTERNAL)
+    def avg_edge_run(ctx, image, image_len, question, params_json, on_token, user_data, result_json):  # noqa: ANN001
+        tls.error = None
+        try:
+            if result_json != ffi.NULL:
+                result_json[0] = ffi.NULL
+            pipe, lock = lookup(ctx)
+            if image == ffi.NULL:
+                raise InputError("image: expected image bytes, got NULL")
+            data = bytes(ffi.buffer(image, image_len))
+            q = text(question, "question")
+            p = options(params_json, "params_json")
+            valid = {"granularity", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+            if set(p) - valid:
+                raise InputError(f"params_json: unknown keys {sorted(set(p) - valid)}; valid: {sorted(valid)}")
+
+            def on_text(piece: str) -> None:
+                if on_token != ffi.NULL and on_token(ffi.new("char[]", piece.encode("utf-8")), user_data) != 0:
+                    raise _Cancelled("cancelled by the token callback")
+
+            with lock:
+                r = pipe.generate(data, q, on_text=on_text, **p)
+            if result_json != ffi.NULL:
+                d = {"answer": r.text, **r.to_dict()}
+                del d["text"]
+                raw = json.dumps(d).encode("utf-8") + b"\0"
+                buf = lib.malloc(len(raw))
+                if buf == ffi.NULL:
+                    raise MemoryError("malloc failed for the result")
+                ffi.memmove(buf, raw, len(raw))
+                result_json[0] = ffi.cast("char *", buf)
+            return OK
+        except BaseException as e:  # noqa: BLE001
+            return fail(_code_for(e, opening=False), str(e) or type(e).__name__)
+
+    @ffi.def_extern()
+    def avg_edge_free_string(s):  # noqa: ANN001
+        if s != ffi.NULL:
+            lib.free(s)
+
+    @ffi.def_extern()
+    def avg_edge_last_error():
+        err = getattr(tls, "error", None)
+        return err if err is not None else empty
+
+    @ffi.def_extern()
+    def avg_edge_version():
+        return version
+
+    @ffi.def_extern(error=ERR_INTERNAL)
+    def avg_edge_close(ctx):  # noqa: ANN001
+        tls.error = None
+        if ctx == ffi.NULL:
+            return OK
+        key = int(ffi.cast("uintptr_t", ctx))
+        with registry_lock:
+            entry = contexts.pop(key, None)
+        if entry is None:
+            return fail(ERR_ARGUMENT, "ctx: not an open context (already closed?)")
+        with entry[1]:  # wait for a run in progress
+            pass
+        return OK

@@ -1,0 +1,89 @@
+"""The C ABI: libavg_edge.so built with cffi, a C program compiled by the system C compiler."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from avg_edge.runtime.capi.build import HEADER, build_library, cdef_from_header
+from avg_edge.runtime.pipeline import Pipeline
+from conftest import textured_image
+
+ROOT = Path(__file__).resolve().parents[1]
+CC = shutil.which("cc") or shutil.which("gcc")
+pytestmark = pytest.mark.skipif(CC is None, reason="no system C compiler (cc/gcc) to build the C example")
+
+
+@pytest.fixture(scope="module")
+def capi(tmp_path_factory):
+    out = tmp_path_factory.mktemp("capi")
+    lib = build_library(out)
+    binaries = {}
+    for name, src in (("example", ROOT / "examples" / "c" / "avg_edge_example.c"), ("bad_calls", ROOT / "tests" / "c" / "bad_calls.c")):
+        exe = out / name
+        subprocess.run([CC, "-Wall", "-Werror", "-I", str(HEADER.parent), str(src), "-L", str(out), "-lavg_edge",
+                        f"-Wl,-rpath,{out}", "-o", str(exe)], check=True, capture_output=True, text=True)
+        binaries[name] = exe
+    return lib, binaries
+
+
+def _clean_env() -> dict[str, str]:
+    """No PYTHONPATH, no virtualenv: the library must find the package on its own."""
+    return {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
+
+
+@pytest.mark.parametrize("granularity", ["auto", "144"])
+def test_c_example_answers_like_the_python_runtime(capi, tiny_build, tmp_path, granularity):
+    _, exe = capi
+    image = tmp_path / "photo.png"
+    textured_image(640, 480, seed=4).save(image)
+    question = "What colour is the background?"
+    p = subprocess.run([str(exe["example"]), str(tiny_build[0]), str(image), question, granularity],
+                       capture_output=True, text=True, env=_clean_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stderr.strip().splitlines()[-1])
+    expected = Pipeline.load(tiny_build[0]).generate(image.read_bytes(), question, max_new_tokens=32,
+                                                     granularity=None if granularity == "auto" else int(granularity))
+    assert result["token_ids"] == expected.token_ids and result["granularity"] == expected.granularity
+    assert result["answer"] == expected.text
+    assert p.stdout.strip() == expected.text.strip()        # the streamed pieces add up to the answer
+
+
+def test_bad_calls_return_codes_and_messages(capi, tiny_build, tmp_path):
+    _, exe = capi
+    image = tmp_path / "photo.png"
+    textured_image(300, 200).save(image)
+    p = subprocess.run([str(exe["bad_calls"]), str(tiny_build[0]), str(image)], capture_output=True, text=True,
+                       env=_clean_env(), timeout=300)
+    assert p.returncode == 0, p.stderr                       # the host process survived every call
+    rows = {line.split(" ", 1)[0]: line.split(" ", 2)[1:] for line in p.stdout.splitlines()}
+    code = {k: int(v[0]) for k, v in rows.items() if v and v[0].lstrip("-").isdigit()}
+    msg = {k: (v[1] if len(v) > 1 else "") for k, v in rows.items()}
+    assert code["open_null_dir"] == 1 and "build_dir: expected a string, got NULL" in msg["open_null_dir"]
+    assert code["open_null_out"] == 1 and "out_ctx" in msg["open_null_out"]
+    assert code["open_missing"] == 2 and "build folder not found" in msg["open_missing"]
+    assert code["open_bad_json"] == 1 and "expected a JSON object" in msg["open_bad_json"]
+    assert code["open_ok"] == 0 and msg["open_ok"] == ""
+    assert code["run_null_ctx"] == 1 and code["result_null_on_null_ctx"] == 1
+    assert code["run_null_image"] == 1 and code["result_null_after_error"] == 1
+    assert code["run_corrupt_image"] == 3 and "cannot read image bytes" in msg["run_corrupt_image"]
+    assert code["run_empty_image"] == 3 and "empty (0 bytes)" in msg["run_empty_image"]
+    assert code["run_null_question"] == 1
+    assert code["run_bad_params"] == 1 and "[36, 72, 144, 288, 576]" in msg["run_bad_params"]
+    assert code["run_unknown_param"] == 1 and "unknown keys ['colour']" in msg["run_unknown_param"]
+    assert code["run_cancelled"] == 5 and code["callback_calls"] == 1
+    assert code["close_ok"] == 0 and code["close_again"] == 1 and code["close_null"] == 0
+    assert rows["version"][0].strip() == __import__("avg_edge").__version__
+
+
+def test_header_is_the_cdef_source():
+    cdef = cdef_from_header()
+    for name in ("avg_edge_open", "avg_edge_run", "avg_edge_free_string", "avg_edge_last_error",
+                 "avg_edge_version", "avg_edge_close", "AVG_EDGE_ERR_CANCELLED"):
+        assert name in cdef
+    assert "/*" not in cdef
