@@ -203,12 +203,51 @@ def timing_summary(r, granularities: list[int], backend: str) -> str:
     return "\n".join(lines)
 
 
+serve_app = typer.Typer(name="avg-serve", add_completion=False, pretty_exceptions_enable=False,
+                        help="OpenAI-compatible HTTP server for a build folder.")
+
+
+@serve_app.command()
+@_exits
+def serve_cmd(
+    model: Path = typer.Option(DEFAULT_BUILD_DIR, "-m", "--model", help="Build folder made by avg-export build."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8080, "--port"),
+    backend: str = typer.Option("auto", "--backend", help="auto, ort or trt."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'."),
+    max_queue: int = typer.Option(4, "--max-queue", help="Requests in flight before answering 503."),
+    max_request_mb: float = typer.Option(20.0, "--max-request-mb", help="Largest request body."),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs."),
+) -> None:
+    """Serve POST /v1/chat/completions, GET /v1/models and GET /health."""
+    import uvicorn
+
+    from avg_edge.runtime.pipeline import Pipeline
+    from avg_edge.runtime.server import ServerOptions, create_app
+
+    if not model.is_dir():
+        raise UsageError(f"build folder not found: {model} (make one with avg-export build)")
+    if max_queue < 1:
+        raise UsageError(f"--max-queue: expected at least 1, got {max_queue}")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"warning: listening on {host}, not loopback" + ("" if api_key else " and without --api-key"), markup=False)
+    pipe = Pipeline.load(model, backend=backend)
+    opts = ServerOptions(model_id=model.resolve().name, api_key=api_key, max_queue=max_queue,
+                         max_request_bytes=int(max_request_mb * 1024**2), allow_remote_images=allow_remote_images)
+    err.print(f"avg-serve: {opts.model_id} on http://{host}:{port} ({pipe.describe_backend()})", markup=False)
+    uvicorn.run(create_app(pipe, opts), host=host, port=port, log_level="warning")
+
+
 def export_main() -> None:
     export_app()
 
 
 def run_main() -> None:
     run_app()
+
+
+def serve_main() -> None:
+    serve_app()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -75,6 +75,7 @@ class Result:
     visual_tokens: int
     visual_tokens_full: int               # what the finest granularity would have cost
     router_probs: list[float] | None = None
+    finish_reason: str = "stop"            # "stop" (</s>) or "length" (max_new_tokens or context)
     timings: Timings = field(default_factory=Timings)
 
     def to_dict(self) -> dict[str, Any]:
@@ -238,13 +239,14 @@ class Pipeline:
                              f"{m.context_length}; use a coarser --granularity or rebuild with a larger --max-context")
         full = visual.shape[0] if chosen == self.granularities[-1] else _count(self.granularities[-1], pre)
 
-        ids = yield from self._decode(embeds, max_new_tokens, sampling, tm, t_start)
+        ids, finish = yield from self._decode(embeds, max_new_tokens, sampling, tm, t_start)
         tm.total = time.perf_counter() - t_start
         tm.backend = sum(b.total_inference_time for b in self.backends.values())
         return Result(text=self.tokenizer.decode(ids).strip(), token_ids=ids, granularity=chosen,
                       router_logits=None if logits is None else [float(x) for x in logits],
                       router_probs=None if probs is None else [float(x) for x in probs],
-                      visual_tokens=int(visual.shape[0]), visual_tokens_full=int(full), timings=tm)
+                      visual_tokens=int(visual.shape[0]), visual_tokens_full=int(full), finish_reason=finish,
+                      timings=tm)
 
     def _choose(self, feats: dict[str, np.ndarray], text: np.ndarray, gran: int | None):
         if gran is not None:
@@ -261,7 +263,7 @@ class Pipeline:
         return self.granularities[int(np.argmax(logits))], logits, probs
 
     def _decode(self, embeds: np.ndarray, max_new_tokens: int, sampling: SamplingParams, tm: Timings,
-                t_start: float) -> Generator[str, None, list[int]]:
+                t_start: float) -> Generator[str, None, tuple[list[int], str]]:
         m = self.manifest
         dec = self.backends[S.DECODER]
         spec = dec.spec
@@ -275,6 +277,7 @@ class Pipeline:
         stream = TextStream(self.tokenizer)
         ids: list[int] = []
         pos = n
+        finish = "length"
         t0 = time.perf_counter()
         while True:
             out = bound(feeds, to_host=("logits",)) if bound else dec.infer(feeds, check=False)
@@ -285,6 +288,7 @@ class Pipeline:
                 tm.time_to_first_token = time.perf_counter() - t_start
                 t0 = time.perf_counter()
             if token == m.eos_token_id:
+                finish = "stop"
                 break
             ids.append(token)
             piece = stream.push(token)
@@ -302,7 +306,7 @@ class Pipeline:
             yield rest
         tm.eval = time.perf_counter() - t0 if ids else 0.0
         tm.eval_count = len(ids)
-        return ids
+        return ids, finish
 
 
 def _count(tokens: int, pre) -> int:
