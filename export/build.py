@@ -160,12 +160,8 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResu
         tmp.mkdir()
     except OSError as e:
         raise UsageError(f"cannot write the output {out}: {e.strerror or e}") from e
-    step = [0]
-    n_steps = [0]
-
-    def done(what: str, t0: float) -> None:
-        step[0] += 1
-        progress(f"[{step[0]}/{n_steps[0]}] {what} ({time.perf_counter() - t0:.1f} s)")
+    steps = _Steps(progress)
+    done = steps.done
 
     try:
         t0 = time.perf_counter()
@@ -173,7 +169,7 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResu
         config = model.config
         b = bounds_for(config, o.max_crops, o.max_context)
         specs = graph_specs(config, b, o.precision)
-        n_steps[0] = 6 + len(specs)
+        steps.total = 6 + len(specs)
         done(f"loaded {o.model} ({config.source_layout}, router: {'yes' if config.has_router else 'no'})", t0)
 
         t0 = time.perf_counter()
@@ -247,6 +243,17 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResu
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class _Steps:
+    """One numbered progress line per finished stage, with its elapsed time."""
+
+    def __init__(self, progress: Callable[[str], None]) -> None:
+        self.progress, self.count, self.total = progress, 0, 0
+
+    def done(self, what: str, t0: float) -> None:
+        self.count += 1
+        self.progress(f"[{self.count}/{self.total}] {what} ({time.perf_counter() - t0:.1f} s)")
 
 
 def _graph_bytes(folder: Path, file: str) -> int:

@@ -7,6 +7,7 @@ come from here.  Torch-free (the runtime reads specs back from the manifest).
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -144,6 +145,20 @@ class GraphSpec:
                 dims = [str(d) if isinstance(d, int) else f"{d}[{axes[d].min}..{axes[d].max}]" if d in axes else d for d in t.shape]
                 rows.append((direction, t.name, t.dtype, "[" + ", ".join(dims) + "]"))
         return rows
+
+
+def markdown_io_table(spec: GraphSpec) -> str:
+    """The graph's I/O as a markdown table (README), straight from the spec; per-layer
+    KV tensors are shown once with `{i}`."""
+    rows = ["| | name | dtype | shape |", "|---|---|---|---|"]
+    for direction, name, dtype, shape in spec.io_table():
+        name = re.sub(r"^(past_key_values|present)\.\d+\.", r"\1.{i}.", name)
+        row = f"| {direction} | `{name}` | {dtype} | `{shape}` |"
+        if row not in rows:
+            rows.append(row)
+    profiles = "; ".join(f"{p.name}: " + ", ".join(f"{a.name} {a.min}/{a.opt}/{a.max}" for a in p.axes.values())
+                         for p in spec.profiles)
+    return "\n".join(rows) + f"\n\nProfiles (min/opt/max): {profiles}.\n"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,20 @@ KNOWN_VISION_TOWERS: dict[str, dict[str, Any]] = {
 }
 
 
+# config.json of the released 7B checkpoint, as far as the export needs it (Vicuna-7B v1.5
+# + CLIP ViT-L/14-336): used to print the I/O tables users will see.
+AVG_LLAVA_7B_CONFIG: dict[str, Any] = {
+    "model_type": "llava_llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2,
+    "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_vision_select_layer": -2,
+    "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 1024,
+    "image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+    "image_grid_pinpoints": "[(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]",
+    "vis_token_granularity": [36, 72, 144, 288, 576], "router_select": True,
+}
+
+
 def _require(d: Mapping[str, Any], key: str, where: str) -> Any:
     if key not in d:
         raise ConfigError(f"{where}: missing required key '{key}'")

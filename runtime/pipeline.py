@@ -22,7 +22,7 @@ from avg_edge.export.manifest import Manifest, load_manifest
 from avg_edge.runtime.backends.base import Backend, BackendError
 from avg_edge.runtime.chat import prompt_ids
 from avg_edge.runtime.image import load_image
-from avg_edge.runtime.packing import gather_indices
+from avg_edge.runtime.packing import gather_indices, visual_token_count
 from avg_edge.runtime.preprocess import PreprocessConfig, preprocess_image
 from avg_edge.runtime.sampling import SamplingParams, next_token
 from avg_edge.runtime.tokenizer import JsonTokenizer, Tokenizer
@@ -237,7 +237,7 @@ class Pipeline:
         if n >= m.context_length:
             raise InputError(f"the prompt is {n} tokens ({visual.shape[0]} visual) but the build's context holds "
                              f"{m.context_length}; use a coarser --granularity or rebuild with a larger --max-context")
-        full = visual.shape[0] if chosen == self.granularities[-1] else _count(self.granularities[-1], pre)
+        full = visual_token_count(self.granularities[-1], pre.grid, pre.image_size)
 
         ids, finish = yield from self._decode(embeds, max_new_tokens, sampling, tm, t_start)
         tm.total = time.perf_counter() - t_start
@@ -307,12 +307,6 @@ class Pipeline:
         tm.eval = time.perf_counter() - t0 if ids else 0.0
         tm.eval_count = len(ids)
         return ids, finish
-
-
-def _count(tokens: int, pre) -> int:
-    from avg_edge.runtime.packing import visual_token_count
-
-    return visual_token_count(tokens, pre.grid, pre.image_size)
 
 
 def _trt_usable() -> bool:
