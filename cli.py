@@ -60,16 +60,23 @@ def _human(n: int) -> str:
 def build_cmd(
     model: Optional[Path] = typer.Option(None, "-m", "--model", help="Checkpoint folder (default: the bundled demo model)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help=f"Build folder (default: {DEFAULT_BUILD_DIR} for the demo, builds/<model>-<precision> otherwise)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (int8/int4 come with calibration)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16, int8 (Q/DQ, calibrated) or int4 (decoder weights)."),
     backend: str = typer.Option("auto", "--backend", help="auto: engines when TensorRT and a GPU exist; onnx: ONNX only; trt: engines or fail."),
     max_crops: Optional[int] = typer.Option(None, "--max-crops", help="Most crops per image the build accepts (default: the pinpoints' most)."),
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Decoder context (default: the model's)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (TensorRT 10.3 parses 9..20)."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the check against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Replace an existing build folder."),
+    calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="int8/int4: .jsonl or folder of image+question pairs (default: the demo's calib split)."),
+    calib_samples: int = typer.Option(32, "--calib-samples", help="int8/int4: calibration samples to run."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="int8/int4: .jsonl with answers for the drift report (default: the demo's test split)."),
+    eval_samples: int = typer.Option(120, "--eval-samples", help="int8/int4: evaluation samples."),
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="int8/int4: fail past this accuracy drop (points)."),
+    accept_drift: bool = typer.Option(False, "--accept-drift", help="int8/int4: keep the build even past --max-accuracy-drop."),
+    int4_block: int = typer.Option(32, "--int4-block-size", help="int4: weights per scale."),
 ) -> None:
     """Export the vision+scaler, router and decoder graphs, validate them, build engines."""
-    from avg_edge.export.build import BuildOptions, build
+    from avg_edge.export.build import QUANTIZED, BuildOptions, build
 
     if model is None:
         if not (DEMO_CHECKPOINT / "config.json").is_file():
@@ -79,7 +86,15 @@ def build_cmd(
     output = output or Path("builds") / f"{model.resolve().name}-{precision}"
     opts = BuildOptions(model=model, output=output, precision=precision, backend=backend, max_crops=max_crops,
                         max_context=max_context, opset=opset, validate=not no_validate, force=force)
-    result = build(opts, progress=lambda line: err.print(line, markup=False))
+    say = lambda line: err.print(line, markup=False)  # noqa: E731
+    if precision in QUANTIZED:
+        from avg_edge.calibration.build import QuantOptions, build_quantized
+
+        q = QuantOptions(calib_data=calib_data, calib_samples=calib_samples, eval_data=eval_data, eval_samples=eval_samples,
+                         max_accuracy_drop=max_accuracy_drop, accept_drift=accept_drift, block_size=int4_block)
+        result = build_quantized(opts, q, progress=say)
+    else:
+        result = build(opts, progress=say)
     table = Table(title=f"{result.output}  ({result.seconds:.1f} s)")
     for col in ("graph", "precision", "size", "max diff", "validation", "engine"):
         table.add_column(col)
@@ -87,6 +102,26 @@ def build_cmd(
         diff = "-" if r.max_abs_diff is None or r.max_abs_diff != r.max_abs_diff else f"{r.max_abs_diff:.1e}"
         table.add_row(r.graph, r.precision, _human(r.bytes), diff, r.validation, "yes" if r.engine else "no")
     out.print(table)
+
+
+@export_app.command("realign")
+@_exits
+def realign_cmd(
+    build_dir: Path = typer.Argument(..., help="A build folder (typically int8/int4)."),
+    calib_data: Optional[Path] = typer.Option(None, "--calib-data", help=".jsonl with answers (default: the demo's calib split)."),
+    calib_samples: int = typer.Option(96, "--calib-samples"),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help=".jsonl with answers (default: the demo's test split)."),
+    eval_samples: int = typer.Option(120, "--eval-samples"),
+    epochs: int = typer.Option(4, "--epochs"),
+    lr: float = typer.Option(3e-4, "--lr"),
+) -> None:
+    """Retrain only the router against the build's own decoder (RGLF) and re-export router.onnx."""
+    from avg_edge.calibration.realign import RealignOptions, realign
+
+    if not build_dir.is_dir():
+        raise UsageError(f"build folder not found: {build_dir}")
+    realign(build_dir, RealignOptions(calib_data, calib_samples, eval_data, eval_samples, epochs, lr),
+            progress=lambda line: err.print(line, markup=False))
 
 
 @export_app.command("inspect")
@@ -116,6 +151,13 @@ def inspect_cmd(build_dir: Path = typer.Argument(..., help="A build folder."),
             axes = ", ".join(f"{a.name} {a.min}/{a.opt}/{a.max}" for a in p.axes.values())
             out.print(f"  profile {p.name}: {axes}")
     out.print("files: " + ", ".join(f"{n} ({_human(i['bytes'])})" for n, i in m.files.items()))
+    if m.quantization:
+        out.print("quantization: " + "; ".join(f"{g}: {d['method']}" for g, d in m.quantization["graphs"].items()))
+    if m.drift:
+        from avg_edge.calibration.drift import DriftReport
+
+        for line in DriftReport(**m.drift).summary_lines():
+            out.print("  drift: " + line)
     if m.tensorrt:
         out.print(f"TensorRT {m.tensorrt['version']} on {m.tensorrt['gpu']} (sm {m.tensorrt['compute_capability']}): {m.engines}")
     else:

@@ -27,8 +27,8 @@ from avg_edge.export.validate import GraphValidation, validate_graph, validate_w
 from avg_edge.runtime.chat import TEMPLATE_AFTER_IMAGE, TEMPLATE_BEFORE_IMAGE
 from avg_edge.runtime.packing import visual_token_count
 
-PRECISIONS = ("fp32", "fp16")
-LATER_PRECISIONS = ("int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+QUANTIZED = ("int8", "int4")
 BACKENDS = ("auto", "onnx", "trt")
 DEFAULT_OPSET = 18          # what torch's exporter emits best and TensorRT 10.3 parses (opsets 9..20)
 SUPPORTED_OPSETS = range(17, 24)
@@ -74,8 +74,6 @@ class BuildResult:
 
 def check_options(o: BuildOptions) -> None:
     """Usage errors, before any work."""
-    if o.precision in LATER_PRECISIONS:
-        raise UsageError(f"--precision {o.precision}: int8/int4 builds arrive with calibration; use one of {list(PRECISIONS)}")
     if o.precision not in PRECISIONS:
         raise UsageError(f"--precision: expected one of {list(PRECISIONS)}, got {o.precision!r}")
     if o.backend not in BACKENDS:
@@ -121,7 +119,7 @@ def bounds_for(config, max_crops: int | None, max_context: int | None) -> S.Boun
 
 
 def graph_specs(config, b: S.Bounds, precision: str) -> dict[str, S.GraphSpec]:
-    dt = DTYPES[precision][0]
+    dt = DTYPES["fp32" if precision in QUANTIZED else precision][0]   # quantized graphs keep fp32 I/O
     t = config.text
     out = {S.VISION: S.vision_spec(t.hidden_size, config.granularities, b, config.crop_size, dt)}
     if config.has_router:
@@ -130,7 +128,7 @@ def graph_specs(config, b: S.Bounds, precision: str) -> dict[str, S.GraphSpec]:
     return out
 
 
-def _tool_versions() -> dict[str, str]:
+def tool_versions() -> dict[str, str]:
     import onnx
     import onnxruntime
     import transformers
@@ -151,6 +149,8 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResu
     from avg_edge.model import load_model
 
     check_options(o)
+    if o.precision in QUANTIZED:
+        raise UsageError(f"--precision {o.precision}: use avg_edge.calibration.build.build_quantized")
     start = time.perf_counter()
     out = Path(o.output)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
@@ -212,7 +212,7 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResu
 
         notes: list[str] = []
         t0 = time.perf_counter()
-        engines, trt_info = _engines(o, specs, tmp, notes) if not failed else ({}, None)
+        engines, trt_info = build_engines(o, specs, tmp, notes) if not failed else ({}, None)
         done("TensorRT: " + ("built " + ", ".join(engines) if engines else notes[-1] if notes else "skipped"), t0)
 
         manifest = Manifest(
@@ -225,10 +225,10 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResu
             graphs={n: s.to_dict() for n, s in specs.items()},
             validation={n: v.to_dict() for n, v in validation.items()} | (
                 {"decoder_code_vs_transformers": wrapper_diff} if wrapper_diff is not None else {}),
-            tools=_tool_versions(), source={"model": str(Path(o.model).resolve()), "layout": config.source_layout},
+            tools=tool_versions(), source={"model": str(Path(o.model).resolve()), "layout": config.source_layout},
             tensorrt=trt_info, engines=engines,
         )
-        rows = [GraphRow(n, o.precision, _graph_bytes(tmp, s.file), validation[n].max_abs_diff if n in validation else None,
+        rows = [GraphRow(n, o.precision, graph_bytes(tmp, s.file), validation[n].max_abs_diff if n in validation else None,
                          validation[n].status if n in validation else "not run", n in engines) for n, s in specs.items()]
         if failed:
             raise BuildError(f"validation failed for {failed}: outputs differ from PyTorch beyond tolerance; "
@@ -237,7 +237,7 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResu
         t0 = time.perf_counter()
         manifest.record_files(tmp)
         (tmp / C.MANIFEST_FILE).write_text(manifest.to_json())
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
         done(f"wrote {out}", t0)
         return BuildResult(out, manifest, rows, time.perf_counter() - start, notes)
     except BaseException:
@@ -256,11 +256,11 @@ class _Steps:
         self.progress(f"[{self.count}/{self.total}] {what} ({time.perf_counter() - t0:.1f} s)")
 
 
-def _graph_bytes(folder: Path, file: str) -> int:
+def graph_bytes(folder: Path, file: str) -> int:
     return sum(p.stat().st_size for p in folder.glob(file + "*"))
 
 
-def _engines(o: BuildOptions, specs: dict[str, S.GraphSpec], tmp: Path, notes: list[str]):
+def build_engines(o: BuildOptions, specs: dict[str, S.GraphSpec], tmp: Path, notes: list[str]):
     if o.backend == "onnx":
         notes.append("engines not requested (--backend onnx)")
         return {}, None
@@ -283,7 +283,7 @@ def _engines(o: BuildOptions, specs: dict[str, S.GraphSpec], tmp: Path, notes: l
     return engines, info
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
+def swap_into_place(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)

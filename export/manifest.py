@@ -49,6 +49,9 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     tensorrt: dict[str, Any] | None = None
     engines: dict[str, str] = field(default_factory=dict)             # graph -> engine file
+    quantization: dict[str, Any] | None = None                        # int8/int4: method per graph, calibration data
+    drift: dict[str, Any] | None = None                               # int8/int4: the drift report against fp32
+    realign: dict[str, Any] | None = None                             # after avg-export realign: its report
 
     def spec(self, graph: str) -> GraphSpec:
         if graph not in self.graphs:

@@ -135,14 +135,16 @@ class Pipeline:
 
     # -- construction -----------------------------------------------------------------
     @classmethod
-    def load(cls, build_dir: str | Path, backend: str = "auto", verify: bool = False, threads: int = 0) -> "Pipeline":
+    def load(cls, build_dir: str | Path, backend: str = "auto", verify: bool = False, threads: int = 0,
+             manifest: Manifest | None = None) -> "Pipeline":
         """Read a build folder; backend auto = TensorRT engines if the build has them and
-        TensorRT runs here, else ONNX Runtime (which itself prefers GPU providers)."""
+        TensorRT runs here, else ONNX Runtime (which itself prefers GPU providers).
+        `manifest` replaces the folder's manifest.json (used while a build is assembled)."""
         t0 = time.perf_counter()
         if backend not in BACKENDS:
             raise InputError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
         folder = Path(build_dir)
-        m = load_manifest(folder, verify=verify)
+        m = manifest if manifest is not None else load_manifest(folder, verify=verify)
         use_trt = backend == "trt" or (backend == "auto" and m.engines and _trt_usable())
         backends: dict[str, Backend] = {}
         for name in m.graphs:

@@ -1,0 +1,105 @@
+"""What a lower precision cost: graph outputs, router decisions, greedy tokens, accuracy,
+size and speed, each against the fp32 build on the same inputs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from avg_edge.calibration.data import CalibSample
+
+
+@dataclass
+class OutputDrift:
+    max_abs_diff: float
+    mean_abs_diff: float
+    cosine: float            # mean over feeds of the cosine similarity of the flattened outputs
+
+
+@dataclass
+class DriftReport:
+    precision: str
+    samples: int
+    graphs: dict[str, dict[str, Any]]               # graph -> {"method", "outputs": OutputDrift}
+    router_agreement: float | None                  # share of samples where both builds chose the same granularity
+    token_agreement: float                          # share of samples whose first `tokens` greedy tokens are equal
+    tokens: int
+    accuracy: dict[str, Any] | None                 # {"fp32", "quantized", "drop_points", "questions"} when answers are known
+    sizes: dict[str, int]                           # bytes of the graphs: fp32 and quantized
+    speed: dict[str, float]                         # median seconds per answer on ONNX Runtime CPU
+    threshold: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary_lines(self) -> list[str]:
+        lines = []
+        for g, d in self.graphs.items():
+            o = d["outputs"]
+            lines.append(f"{g:8s} {d['method']:34s} max {o['max_abs_diff']:.2e}  mean {o['mean_abs_diff']:.2e}  cos {o['cosine']:.5f}")
+        if self.router_agreement is not None:
+            lines.append(f"router decision agreement {100 * self.router_agreement:.1f}% over {self.samples} samples")
+        lines.append(f"first {self.tokens} greedy tokens identical for {100 * self.token_agreement:.1f}% of samples")
+        if self.accuracy:
+            a = self.accuracy
+            lines.append(f"accuracy fp32 {a['fp32']:.1f}% -> {self.precision} {a['quantized']:.1f}% "
+                         f"(drop {a['drop_points']:+.1f} points, {a['questions']} questions)")
+        s, v = self.sizes, self.speed
+        lines.append(f"size {s['fp32'] / 2**20:.1f} MB -> {s['quantized'] / 2**20:.1f} MB ({s['quantized'] / s['fp32']:.2f}x); "
+                     f"ORT CPU time per answer {v['fp32'] * 1000:.0f} ms -> {v['quantized'] * 1000:.0f} ms "
+                     f"({v['fp32'] / v['quantized']:.2f}x speed)")
+        return lines
+
+
+def output_drift(ref_session, q_session, feeds: list[dict[str, np.ndarray]], outputs: list[str]) -> OutputDrift:
+    maxd, means, cos = 0.0, [], []
+    for f in feeds:
+        a = ref_session.run(outputs, f)
+        b = q_session.run(outputs, f)
+        x = np.concatenate([o.astype(np.float64).ravel() for o in a])
+        y = np.concatenate([o.astype(np.float64).ravel() for o in b])
+        d = np.abs(x - y)
+        maxd = max(maxd, float(d.max()) if d.size else 0.0)
+        means.append(float(d.mean()) if d.size else 0.0)
+        denom = np.linalg.norm(x) * np.linalg.norm(y)
+        cos.append(float(x @ y / denom) if denom else 1.0)
+    return OutputDrift(maxd, float(np.mean(means)), float(np.mean(cos)))
+
+
+def normalize(text: str) -> str:
+    """Exact-match comparison of short answers: lower case, single spaces."""
+    return " ".join(text.lower().split())
+
+
+def answer_drift(ref_pipe, q_pipe, samples: list[CalibSample], tokens: int = 32) -> dict[str, Any]:
+    """Run both pipelines greedily on the same samples."""
+    same_route, same_tokens, right_ref, right_q, known = 0, 0, 0, 0, 0
+    t_ref, t_q = [], []
+    for s in samples:
+        t0 = time.perf_counter()
+        a = ref_pipe.generate(s.image, s.question, max_new_tokens=tokens)
+        t_ref.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        b = q_pipe.generate(s.image, s.question, max_new_tokens=tokens)
+        t_q.append(time.perf_counter() - t0)
+        same_route += a.granularity == b.granularity
+        same_tokens += a.token_ids[:tokens] == b.token_ids[:tokens]
+        if s.answer is not None:
+            known += 1
+            right_ref += normalize(a.text) == normalize(s.answer)
+            right_q += normalize(b.text) == normalize(s.answer)
+    n = len(samples)
+    accuracy = None
+    if known:
+        acc_ref, acc_q = 100 * right_ref / known, 100 * right_q / known
+        accuracy = {"fp32": acc_ref, "quantized": acc_q, "drop_points": acc_ref - acc_q, "questions": known}
+    return {
+        "router_agreement": same_route / n if ref_pipe.manifest.has_router else None,
+        "token_agreement": same_tokens / n,
+        "accuracy": accuracy,
+        "speed": {"fp32": statistics.median(t_ref), "quantized": statistics.median(t_q)},
+    }
