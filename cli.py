@@ -6,6 +6,7 @@ failed, 2 usage error.  Errors print one line to stderr, no traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from functools import wraps
 from pathlib import Path
@@ -43,6 +44,15 @@ def _exits(fn):
         except KeyboardInterrupt:
             err.print("interrupted", markup=False)
             raise typer.Exit(130)
+        except BrokenPipeError:
+            raise typer.Exit(1)   # stdout closed by the reader (e.g. | head): nothing to say
+        except typer.Exit:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug or a library's own error: one line, not a traceback
+            err.print(f"error: internal: {type(e).__name__}: {e} (please report; AVG_EDGE_TRACEBACK=1 shows where)", markup=False)
+            if os.environ.get("AVG_EDGE_TRACEBACK"):
+                raise
+            raise typer.Exit(1)
 
     return wrapper
 

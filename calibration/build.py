@@ -49,6 +49,8 @@ def build_quantized(o: BuildOptions, q: QuantOptions, progress: Callable[[str], 
     if o.precision not in ("int8", "int4"):
         raise UsageError(f"build_quantized: expected int8 or int4, got {o.precision}")
     start = time.perf_counter()
+    samples = load_samples(q.calib_data, q.calib_samples)          # bad data fails before any work
+    evals = load_samples(q.eval_data, q.eval_samples) if q.eval_data else demo_samples(q.eval_samples, split="test")
     out = Path(o.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
@@ -62,7 +64,6 @@ def build_quantized(o: BuildOptions, q: QuantOptions, progress: Callable[[str], 
         from avg_edge.runtime.pipeline import Pipeline
 
         t0 = time.perf_counter()
-        samples = load_samples(q.calib_data, q.calib_samples)
         pipe32 = Pipeline.load(fp32_dir, backend="ort")
         feeds = record_inputs(pipe32, samples)
         progress(f"[2/6] recorded graph inputs on {len(samples)} calibration samples "
@@ -89,7 +90,7 @@ def build_quantized(o: BuildOptions, q: QuantOptions, progress: Callable[[str], 
                                "what quantization changed is in the drift report"}
         manifest.quantization = {"graphs": methods, "calibration": {
             "source": str(q.calib_data) if q.calib_data else "demo generator, calib split", "samples": len(samples)}}
-        report = drift_report(o.precision, fp32_dir, tmp, manifest, pipe32, q)
+        report = drift_report(o.precision, fp32_dir, tmp, manifest, pipe32, q, evals)
         manifest.drift = report.to_dict()
         (tmp / DRIFT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
         progress(f"[4/6] drift against fp32 ({time.perf_counter() - t0:.1f} s):")
@@ -123,10 +124,10 @@ def build_quantized(o: BuildOptions, q: QuantOptions, progress: Callable[[str], 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def drift_report(precision: str, fp32_dir: Path, q_dir: Path, manifest, pipe32, q: QuantOptions) -> DriftReport:
+def drift_report(precision: str, fp32_dir: Path, q_dir: Path, manifest, pipe32, q: QuantOptions,
+                 evals: list) -> DriftReport:
     from avg_edge.runtime.pipeline import Pipeline
 
-    evals = load_samples(q.eval_data, q.eval_samples) if q.eval_data else demo_samples(q.eval_samples, split="test")
     held_out = record_inputs(pipe32, evals[: min(16, len(evals))], decode_steps=2)
     graphs = {}
     for name, spec in manifest.graphs.items():

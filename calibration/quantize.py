@@ -90,6 +90,10 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> dict:
     weight, except lm_head (the MatMul whose weight is [hidden, vocab])."""
     if block_size < 16 or block_size & (block_size - 1):
         raise QuantizeError(f"block size: expected a power of two >= 16, got {block_size}")
+    header = onnx.load(str(src), load_external_data=False)
+    for o in header.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version < INT4_OPSET:
+            raise QuantizeError(f"{src.name} is opset {o.version}; int4 needs opset {INT4_OPSET} (export with --opset 21+)")
     model = onnx.load(str(src))
     inits = {i.name: i for i in model.graph.initializer}
     vocab = _logits_width(model)
@@ -126,9 +130,6 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> dict:
     model.graph.node.extend(new_nodes)
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + new_inits)
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx") and o.version < INT4_OPSET:
-            raise QuantizeError(f"{src.name} is opset {o.version}; int4 needs opset {INT4_OPSET} (export with --opset 21+)")
     if quantized == 0:
         raise QuantizeError(f"{src.name}: no MatMul with a constant weight to quantize")
     big = sum(i.ByteSize() for i in model.graph.initializer) > 1.5 * 1024**3

@@ -137,11 +137,6 @@ def tool_versions() -> dict[str, str]:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def _default_timing_cache() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "avg-edge" / C.TIMING_CACHE_FILE
-
-
 def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResult:
     from avg_edge.export.graphs import DecoderGraph, RouterGraph, VisionGraph, to_precision
     from avg_edge.export.onnx_export import export_graph
@@ -213,7 +208,11 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResu
         notes: list[str] = []
         t0 = time.perf_counter()
         engines, trt_info = build_engines(o, specs, tmp, notes) if not failed else ({}, None)
-        done("TensorRT: " + ("built " + ", ".join(engines) if engines else notes[-1] if notes else "skipped"), t0)
+        if engines and o.validate:
+            engine_checks = validate_engines(model, specs, tmp, engines, trt_info, o.precision, progress)
+            validation.update(engine_checks)
+            failed += [n for n, v in engine_checks.items() if v.status == "failed"]
+        done("TensorRT: " + ("built " + ", ".join(engines.values()) if engines else notes[-1] if notes else "skipped"), t0)
 
         manifest = Manifest(
             format_version=C.MANIFEST_FORMAT, precision=o.precision, opset=o.opset,
@@ -261,26 +260,55 @@ def graph_bytes(folder: Path, file: str) -> int:
 
 
 def build_engines(o: BuildOptions, specs: dict[str, S.GraphSpec], tmp: Path, notes: list[str]):
+    """Engines beside the ONNX files.  With --backend auto a missing TensorRT or a failed
+    engine build leaves a valid ONNX build and a note; with --backend trt it fails."""
     if o.backend == "onnx":
         notes.append("engines not requested (--backend onnx)")
         return {}, None
-    from avg_edge.export.tensorrt_build import TensorRTUnavailable, build_engine, probe
+    from avg_edge.export.tensorrt_build import TensorRTUnavailable, build_engine, probe, timing_cache_path
 
     try:
         gpu = probe()
     except TensorRTUnavailable as e:
+        if o.backend == "trt":
+            raise UsageError(f"--backend trt: {e}") from e
         notes.append(f"engines skipped: {e}")
         return {}, None
-    cache = o.timing_cache or _default_timing_cache()
+    cache = o.timing_cache or timing_cache_path(gpu)
     cache.parent.mkdir(parents=True, exist_ok=True)
     engines = {}
     for name, spec in specs.items():
         engine_file = spec.file.replace(".onnx", ".engine")
-        build_engine(tmp / spec.file, spec, tmp / engine_file, cache)
+        try:
+            build_engine(tmp / spec.file, spec, tmp / engine_file, cache)
+        except AvgEdgeError as e:
+            if o.backend == "trt":
+                raise
+            for f in engines.values():
+                (tmp / f).unlink(missing_ok=True)
+            notes.append(f"engines skipped: {e}")
+            return {}, None
         engines[name] = engine_file
     info = {"version": gpu.tensorrt_version, "gpu": gpu.name, "compute_capability": gpu.compute_capability,
             "timing_cache": str(cache)}
     return engines, info
+
+
+def validate_engines(model, specs: dict[str, S.GraphSpec], tmp: Path, engines: dict[str, str], trt_info: dict,
+                     precision: str, progress: Callable[[str], None]) -> dict[str, GraphValidation]:
+    """TensorRT engines against PyTorch at the same points as the ONNX validation."""
+    from avg_edge.export.graphs import DecoderGraph, RouterGraph, VisionGraph
+    from avg_edge.runtime.backends.trt_backend import TrtBackend
+
+    wrappers = {S.VISION: VisionGraph, S.ROUTER: RouterGraph, S.DECODER: DecoderGraph}
+    out = {}
+    for name, engine in engines.items():
+        backend = TrtBackend(specs[name], tmp / engine, trt_info)
+        run = lambda feeds, b=backend: list(b.infer(feeds).values())  # noqa: E731
+        v = validate_graph(wrappers[name](model), specs[name], tmp / specs[name].file, precision, runner=run)
+        progress(f"      {engine}: {v.status}, max abs diff {v.max_abs_diff:.2e} over {len(v.points)} points")
+        out[f"{name}.engine"] = v
+    return out
 
 
 def swap_into_place(tmp: Path, out: Path) -> None:

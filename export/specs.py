@@ -16,6 +16,7 @@ import numpy as np
 from avg_edge import constants as C
 
 VISION, ROUTER, DECODER = "vision", "router", "decoder"
+SCORING_LOGITS = 256      # most positions whose logits one prefill returns
 GRAPHS = (VISION, ROUTER, DECODER)
 
 
@@ -119,6 +120,10 @@ class GraphSpec:
                     raise InputError(f"{self.name}.{t.name}: axis '{d}' expected {a.min}..{a.max}, got {n}")
                 if seen.setdefault(d, n) != n:
                     raise InputError(f"{self.name}.{t.name}: axis '{d}' is {n} here but {seen[d]} in another input")
+        for total, parts in DERIVED_AXES.items():
+            if total in seen and all(p in seen for p in parts) and seen[total] != sum(seen[p] for p in parts):
+                raise InputError(f"{self.name}: axis '{total}' is {seen[total]}, expected "
+                                 + " + ".join(f"{p} ({seen[p]})" for p in parts))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -218,7 +223,9 @@ def decoder_spec(hidden: int, layers: int, kv_heads: int, head_dim: int, vocab: 
         C.AXIS_SEQ: prefill_seq,
         C.AXIS_PAST: Axis(C.AXIS_PAST, 0, 0, 0),
         C.AXIS_TOTAL: Axis(C.AXIS_TOTAL, prefill_seq.min, prefill_seq.opt, prefill_seq.max),
-        C.AXIS_LOGITS: Axis(C.AXIS_LOGITS, 1, 1, ctx),
+        # Logits for at most SCORING_LOGITS positions (answer scoring); generation needs 1.
+        # Not the whole context: TensorRT would reserve [1, ctx, vocab] fp32 for it.
+        C.AXIS_LOGITS: Axis(C.AXIS_LOGITS, 1, 1, min(SCORING_LOGITS, ctx)),
     })
     past_opt = min(b.max_visual + b.text_opt, ctx - 1)
     decode = Profile("decode", {

@@ -8,6 +8,7 @@ API; it runs only where TensorRT and a GPU exist (tests carry the `gpu` marker).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,23 +32,30 @@ class GpuInfo:
     tensorrt_version: str
 
 
+def cudart():
+    """cuda-python's runtime module (12.6+ layout, then the older one)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime  # cuda-python < 12.6
+        except ImportError as e:
+            raise TensorRTUnavailable(f"cuda-python is not installed ({INSTALL_HINT})") from e
+    return runtime
+
+
 def probe() -> GpuInfo:
     """TensorRT version and the first GPU; raises TensorRTUnavailable saying why not."""
     try:
         import tensorrt as trt
     except ImportError as e:
         raise TensorRTUnavailable(f"tensorrt is not installed ({INSTALL_HINT})") from e
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6 layout
-        except ImportError as e:
-            raise TensorRTUnavailable(f"cuda-python is not installed ({INSTALL_HINT})") from e
-    err, count = cudart.cudaGetDeviceCount()
+    rt = cudart()
+    err, count = rt.cudaGetDeviceCount()
     if int(err) != 0 or count < 1:
-        raise TensorRTUnavailable("no CUDA GPU is visible (cudaGetDeviceCount found none)")
-    err, props = cudart.cudaGetDeviceProperties(0)
+        raise TensorRTUnavailable(f"no usable CUDA GPU (cudaGetDeviceCount: {err}, {count} devices); "
+                                  "a cuda-python newer than the driver's CUDA also fails here")
+    err, props = rt.cudaGetDeviceProperties(0)
     if int(err) != 0:
         raise TensorRTUnavailable(f"cudaGetDeviceProperties failed ({err})")
     name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
@@ -69,7 +77,8 @@ def build_engine(onnx_path: Path, spec: GraphSpec, engine_path: Path, timing_cac
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise AvgEdgeError(f"TensorRT rejected the timing cache {timing_cache}; delete it and rebuild")
     for profile in spec.profiles:
         p = builder.create_optimization_profile()
         for name, (lo, opt, hi) in spec.profile_shapes(profile).items():
@@ -78,6 +87,16 @@ def build_engine(onnx_path: Path, spec: GraphSpec, engine_path: Path, timing_cac
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise AvgEdgeError(f"TensorRT failed to build an engine for {onnx_path.name} (see the log above)")
-    engine_path.write_bytes(bytes(serialized))
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    with open(engine_path, "wb") as f:          # IHostMemory is a buffer: no extra copy
+        f.write(serialized)
+    used = config.get_timing_cache()
+    if used is not None:
+        with open(timing_cache, "wb") as f:
+            f.write(used.serialize())
     return engine_path
+
+
+def timing_cache_path(gpu: GpuInfo) -> Path:
+    """One cache per TensorRT version and GPU architecture, reused across builds."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "avg-edge" / f"timing-trt{gpu.tensorrt_version}-sm{gpu.compute_capability}.cache"

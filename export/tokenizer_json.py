@@ -19,10 +19,13 @@ CHECK_QUESTIONS = (
 def write_tokenizer_json(model_dir: Path, out: Path) -> str:
     """Put tokenizer.json at `out`; returns how (copied / converted)."""
     src = model_dir / C.TOKENIZER_JSON_FILE
+    sp_path = model_dir / C.SENTENCEPIECE_FILE
     if src.is_file():
         shutil.copy(src, out)
+        if sp_path.is_file():
+            check_same_tokens(SentencePieceTokenizer(sp_path), JsonTokenizer(out))
+            return "copied (checked identical to tokenizer.model)"
         return "copied"
-    sp_path = model_dir / C.SENTENCEPIECE_FILE
     if not sp_path.is_file():
         raise CheckpointError(f"{model_dir}: no {C.TOKENIZER_JSON_FILE} or {C.SENTENCEPIECE_FILE}")
     # transformers' own sentencepiece -> tokenizers conversion, following the model's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -50,16 +51,20 @@ def ort_session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def validate_graph(reference: nn.Module, spec: GraphSpec, onnx_path: Path, precision: str, seed: int = 0) -> GraphValidation:
-    """ONNX Runtime (CPU) on the exported file vs the fp32 PyTorch module, at every point."""
+def validate_graph(reference: nn.Module, spec: GraphSpec, onnx_path: Path, precision: str, seed: int = 0,
+                   runner: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None = None) -> GraphValidation:
+    """The exported graph vs the fp32 PyTorch module, at every point: ONNX Runtime (CPU) on
+    the file, or `runner` (e.g. a TensorRT engine) returning the outputs in spec order."""
     atol, rtol = TOLERANCES[precision]
-    try:
-        session = ort_session(onnx_path)
-    except Exception as e:  # onnxruntime raises its own exception types
-        msg = str(e).splitlines()[0][:200]
-        if precision == "fp16" and "NOT_IMPLEMENTED" in str(e):
-            return GraphValidation(spec.name, precision, "skipped", f"ONNX Runtime CPU cannot run this fp16 graph ({msg})", [])
-        raise
+    if runner is None:
+        try:
+            session = ort_session(onnx_path)
+        except Exception as e:  # onnxruntime raises its own exception types
+            msg = str(e).splitlines()[0][:200]
+            if precision == "fp16" and "NOT_IMPLEMENTED" in str(e):
+                return GraphValidation(spec.name, precision, "skipped", f"ONNX Runtime CPU cannot run this fp16 graph ({msg})", [])
+            raise
+        runner = lambda feeds: session.run(spec.output_names, feeds)  # noqa: E731
     points = []
     rng = np.random.default_rng(seed)
     for name, sizes in iter_points(spec):
@@ -69,7 +74,7 @@ def validate_graph(reference: nn.Module, spec: GraphSpec, onnx_path: Path, preci
             ref = reference(*torch_inputs(feeds32, spec))
         ref = [r.float().numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))]
         feeds = {t.name: feeds32[t.name].astype(t.dtype) for t in spec.inputs}
-        got = session.run(spec.output_names, feeds)
+        got = runner(feeds)
         diff = max(float(np.abs(g.astype(np.float32) - r).max()) if r.size else 0.0 for g, r in zip(got, ref))
         scale = max(float(np.abs(r).max()) if r.size else 0.0 for r in ref)
         tol = atol + rtol * scale

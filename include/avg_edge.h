@@ -19,7 +19,15 @@
  *   - The last error is per thread.
  *
  * Return codes: AVG_EDGE_OK (0) or one of the AVG_EDGE_ERR_* below; the message is in
- * avg_edge_last_error().  Errors never abort the host process.
+ * avg_edge_last_error().  Errors in calls never abort the host process.
+ *
+ * The embedded Python starts on the first call.  If it cannot start at all (the
+ * virtualenv the library was built from was removed), cffi prints why on stderr, the
+ * int functions return 0 without doing anything and the string functions return NULL:
+ * initialise *out_ctx to NULL and check it after avg_edge_open, and check strings for NULL.  A
+ * PYTHONHOME pointing at a broken Python makes CPython itself abort; leave PYTHONHOME
+ * unset unless you mean it (the library sets it to the Python it was built with and
+ * restores the environment once Python runs).
  */
 #ifndef AVG_EDGE_H
 #define AVG_EDGE_H
@@ -53,7 +61,8 @@ int avg_edge_open(const char *build_dir, const char *options_json, avg_edge_ctx 
  * params_json may be NULL or {"granularity": "auto"|36|72|144|288|576, "max_new_tokens": 256,
  * "temperature": 0.0, "top_k": null, "top_p": null, "seed": null}.  on_token may be NULL.
  * On success *result_json (if result_json is not NULL) receives
- * {"answer", "token_ids", "granularity", "router_probs", "visual_tokens", "visual_tokens_full", "timings"}. */
+ * {"answer", "token_ids", "granularity", "router_logits", "router_probs", "visual_tokens",
+ *  "visual_tokens_full", "finish_reason", "timings"}. */
 int avg_edge_run(avg_edge_ctx *ctx, const unsigned char *image, size_t image_len, const char *question,
                  const char *params_json, avg_edge_token_cb on_token, void *user_data, char **result_json);
 

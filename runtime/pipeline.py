@@ -106,7 +106,7 @@ class TextStream:
 
     def flush(self) -> str:
         """Whatever was held back (a trailing partial character) once the answer ends."""
-        text = self.tokenizer.decode(self.ids).strip()
+        text = self.tokenizer.decode(self.ids).lstrip()
         piece = text[len(self.emitted):] if text.startswith(self.emitted) else ""
         self.emitted = text
         return piece
@@ -152,13 +152,18 @@ class Pipeline:
             if use_trt:
                 from avg_edge.runtime.backends.trt_backend import TrtBackend
 
-                if name not in m.engines:
-                    raise BackendError(f"{folder}: no TensorRT engine for {name}; rebuild with avg-export build --backend trt")
-                backends[name] = TrtBackend(spec, folder / m.engines[name], m.tensorrt)
-            else:
-                from avg_edge.runtime.backends.ort_backend import OrtBackend
+                try:
+                    if name not in m.engines:
+                        raise BackendError(f"{folder}: no TensorRT engine for {name}; rebuild with avg-export build --backend trt")
+                    backends[name] = TrtBackend(spec, folder / m.engines[name], m.tensorrt)
+                    continue
+                except BackendError as e:
+                    if backend == "trt":
+                        raise
+                    log.warning("%s; using ONNX Runtime for %s", e, name)   # auto: never fail for want of an engine
+            from avg_edge.runtime.backends.ort_backend import OrtBackend
 
-                backends[name] = OrtBackend(spec, folder / spec.file, threads=threads)
+            backends[name] = OrtBackend(spec, folder / spec.file, threads=threads)
         tok = JsonTokenizer(folder / C.TOKENIZER_JSON_FILE)
         table = np.load(folder / C.EMBED_TABLE_FILE, mmap_mode="r", allow_pickle=False)
         newline = np.load(folder / C.IMAGE_NEWLINE_FILE, allow_pickle=False)
@@ -296,7 +301,7 @@ class Pipeline:
             piece = stream.push(token)
             if piece:
                 yield piece
-            if len(ids) >= max_new_tokens or pos >= m.context_length:
+            if len(ids) >= min(max_new_tokens, m.context_length - n):   # same room as the reference
                 break
             feeds = {"inputs_embeds": np.asarray(self.embed_table[[token]], dtype=self.dtype)[None],
                      "attention_mask": np.ones((1, pos + 1), np.int64), "position_ids": np.array([[pos]], np.int64),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import queue
 import threading
 import time
 import uuid
@@ -97,17 +98,46 @@ def parse_request(body: dict[str, Any], opts: ServerOptions) -> dict[str, Any]:
         raise ApiError(400, f"max_tokens: expected a positive integer, got {max_tokens!r}", param="max_tokens")
     if body.get("n", 1) != 1:
         raise ApiError(400, "n: only 1 is supported", param="n")
+    granularity = body.get("granularity")
+    if granularity is not None and granularity != "auto" and (isinstance(granularity, bool) or not isinstance(granularity, int)):
+        raise ApiError(400, f"granularity: expected \"auto\" or a token count, got {granularity!r}", param="granularity")
+    temperature = _number(body, "temperature", 0.0)
+    top_p = _number(body, "top_p", None)
+    top_k, seed = _integer(body, "top_k"), _integer(body, "seed")
+    try:
+        SamplingParams(temperature, top_k, top_p, seed)
+    except InputError as e:
+        raise ApiError(400, str(e)) from e
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, f"stream: expected true or false, got {stream!r}", param="stream")
     return {
         "image": load_image_url(url, opts),
         "question": question,
-        "granularity": body.get("granularity"),
+        "granularity": None if granularity in (None, "auto") else granularity,
         "max_new_tokens": max_tokens,
-        "temperature": float(body.get("temperature", 0.0) or 0.0),
-        "top_p": body.get("top_p"),
-        "top_k": body.get("top_k"),
-        "seed": body.get("seed"),
-        "stream": bool(body.get("stream", False)),
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "stream": stream,
     }
+
+
+def _number(body: dict, key: str, default: float | None) -> float | None:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ApiError(400, f"{key}: expected a number, got {v!r}", param=key)
+    return float(v)
+
+
+def _integer(body: dict, key: str) -> int | None:
+    v = body.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+        raise ApiError(400, f"{key}: expected an integer, got {v!r}", param=key)
+    return v
 
 
 def load_image_url(url: Any, opts: ServerOptions) -> bytes:
@@ -210,30 +240,42 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
         with gate.run_lock:
             return pipe.generate(**args)
 
-    def sse(args: dict[str, Any], cid: str, created: int) -> Iterator[str]:
+    def produce(args: dict[str, Any], q: "queue.Queue[tuple[str, Any]]") -> None:
+        """Worker thread: generate into the queue; always frees the admission slot.  The
+        network never holds the inference lock (a slow reader only fills the queue)."""
+        try:
+            with gate.run_lock:
+                gen = pipe.stream(**args)
+                while True:
+                    try:
+                        q.put(("piece", next(gen)))
+                    except StopIteration as done:
+                        q.put(("done", done.value))
+                        return
+        except BaseException as e:  # noqa: BLE001 - reported in-band to the client
+            q.put(("error", e))
+        finally:
+            gate.leave()
+
+    async def sse(q: "queue.Queue[tuple[str, Any]]", cid: str, created: int):
         def chunk(delta: dict, finish: str | None = None, **more: Any) -> str:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": opts.model_id,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **more}
             return f"data: {json.dumps(body)}\n\n"
 
-        try:
-            with gate.run_lock:
-                yield chunk({"role": "assistant", "content": ""})
-                gen = pipe.stream(**args)
-                while True:
-                    try:
-                        piece = next(gen)
-                    except StopIteration as done:
-                        r: Result = done.value
-                        break
-                    yield chunk({"content": piece})
-            yield chunk({}, r.finish_reason, usage=usage(r), avg_edge=extras(r))
-        except AvgEdgeError as e:
-            yield f"data: {json.dumps(ApiError(400, str(e)).body())}\n\n"
-        except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
-            yield f"data: {json.dumps(ApiError(500, f'internal error: {type(e).__name__}: {e}', 'server_error').body())}\n\n"
-        finally:
-            gate.leave()
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = await run_in_threadpool(q.get)
+            if kind == "piece":
+                yield chunk({"content": value})
+            elif kind == "done":
+                yield chunk({}, value.finish_reason, usage=usage(value), avg_edge=extras(value))
+                break
+            else:
+                status = 400 if isinstance(value, (ImageError, InputError)) else 422 if isinstance(value, AvgEdgeError) else 500
+                kind_ = "invalid_request_error" if status < 500 else "server_error"
+                yield f"data: {json.dumps(ApiError(status, str(value) or type(value).__name__, kind_).body())}\n\n"
+                break
         yield "data: [DONE]\n\n"
 
     async def chat(request: Request):
@@ -241,22 +283,22 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
             check_key(request)
             body = await read_json(request)
             args = parse_request(body, opts)
+            stream = args.pop("stream")
+            pipe.check_granularity(args["granularity"])
+            args["image"] = await run_in_threadpool(load_image, args["image"])   # decoded once, here
+        except ApiError as e:
+            return error(e)
+        except (ImageError, InputError) as e:
+            return error(ApiError(400, str(e)))
+        try:
             gate.enter()
         except ApiError as e:
             return error(e)
-        stream = args.pop("stream")
-        if args["granularity"] in (None, "auto"):
-            args["granularity"] = None
-        try:  # cheap checks first, so a bad request gets a status code even when streaming
-            pipe.check_granularity(args["granularity"])
-            SamplingParams(args["temperature"], args["top_k"], args["top_p"], args["seed"])
-            await run_in_threadpool(load_image, args["image"])
-        except (ImageError, InputError) as e:
-            gate.leave()
-            return error(ApiError(400, str(e)))
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if stream:
-            return StreamingResponse(sse(args, cid, created), media_type="text/event-stream",
+            q: queue.Queue[tuple[str, Any]] = queue.Queue()
+            threading.Thread(target=produce, args=(args, q), daemon=True, name="avg-serve-stream").start()
+            return StreamingResponse(sse(q, cid, created), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
             r = await run_in_threadpool(run, args)

@@ -129,7 +129,7 @@ def test_tensorrt_profiles_come_from_the_specs(tiny_model):
     shapes = dec.profile_shapes(prefill)
     assert shapes["inputs_embeds"] == ((1, 36, 64), (1, 84, 64), (1, 4096, 64))
     assert shapes["past_key_values.0.key"] == ((1, 4, 0, 16),) * 3
-    assert shapes["logit_positions"] == ((1,), (1,), (4096,))
+    assert shapes["logit_positions"] == ((1,), (1,), (256,))   # scoring cap, not the whole context
     shapes = dec.profile_shapes(decode)
     assert shapes["inputs_embeds"] == ((1, 1, 64),) * 3
     assert shapes["past_key_values.1.value"] == ((1, 4, 36, 16), (1, 4, 2976, 16), (1, 4, 4095, 16))
@@ -159,8 +159,8 @@ def test_inspect_prints_manifest_and_io_tables(fp32_build):
 
 @pytest.mark.parametrize("args,code,match", [
     (["-m", "/nonexistent/model", "-o", "{tmp}/o"], 2, "model folder not found: /nonexistent/model"),
-    (["-m", "{ckpt}", "-o", "{tmp}/o", "--precision", "fp8"], 2, "--precision: expected one of ['fp32', 'fp16'], got 'fp8'"),
-    (["-m", "{ckpt}", "-o", "{tmp}/o", "--precision", "int8"], 2, "int8/int4 builds arrive with calibration"),
+    (["-m", "{ckpt}", "-o", "{tmp}/o", "--precision", "fp8"], 2, "--precision: expected one of ['fp32', 'fp16', 'int8', 'int4'], got 'fp8'"),
+    (["-m", "{ckpt}", "-o", "{tmp}/o", "--precision", "int8", "--calib-data", "{tmp}/nope.jsonl"], 2, "--calib-data: expected a .jsonl file or a folder"),
     (["-m", "{ckpt}", "-o", "{tmp}/exists"], 2, "already exists; pass --force"),
     (["-m", "{ckpt}", "-o", "{tmp}/afile/o"], 2, "is a file, not a folder"),
     (["-m", "{ckpt}", "-o", "/proc/avg-edge-build"], 2, "cannot write the output"),

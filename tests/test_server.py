@@ -128,6 +128,10 @@ def test_openai_client(server, expected):
     ({"messages": "OK", "granularity": 100}, 400, "[36, 72, 144, 288, 576]"),
     ({"messages": "OK", "max_tokens": 0}, 400, "max_tokens: expected a positive integer"),
     ({"messages": "HUGE"}, 413, "limit"),
+    ({"messages": "OK", "temperature": "hot"}, 400, "temperature: expected a number"),
+    ({"messages": "OK", "top_p": "x"}, 400, "top_p: expected a number"),
+    ({"messages": "OK", "seed": -3}, 400, "seed: expected a non-negative integer"),
+    ({"messages": "OK", "stream": "yes"}, 400, "stream: expected true or false"),
 ])
 def test_errors_have_openai_shape(server, body, status, match):
     if isinstance(body, dict) and isinstance(body.get("messages"), str):
@@ -144,6 +148,18 @@ def test_errors_have_openai_shape(server, body, status, match):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert match in err["message"] and set(err) == {"message", "type", "param", "code"}
+    assert httpx.get(server.base + "/health").json()["in_flight"] == 0     # no admission slot leaked
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(server):
+    with httpx.stream("POST", server.base + "/v1/chat/completions", timeout=120,
+                      json={"stream": True, "max_tokens": 6, "messages": _messages(_png())}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())                     # read one event, then hang up
+    deadline = time.time() + 60
+    while httpx.get(server.base + "/health").json()["in_flight"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert httpx.get(server.base + "/health").json()["in_flight"] == 0
 
 
 def test_unknown_route_and_method(server):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +17,45 @@ log = logging.getLogger("avg_edge")
 TRT_EP, CUDA_EP, CPU_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 
 
-def choose_providers(requested: str, available: list[str], engine_cache: Path) -> list[Any]:
-    """auto: the fastest present (TensorRT EP, then CUDA EP, then CPU); cpu/cuda/tensorrt: that one."""
-    trt_opts = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engine_cache),
-                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(engine_cache)}
+def choose_providers(requested: str, spec: GraphSpec | None = None, cache_dir: Path | None = None) -> list[Any]:
+    """auto: CUDA EP when present, else CPU.  The TensorRT EP only when asked for: this
+    project's own TensorRT backend runs prebuilt engines, while the EP would build engines
+    at run time.  When asked, it gets the spec's widest bounds as its profile so decoding
+    (a growing past) does not trigger rebuilds."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
     if requested == "auto":
-        chain = [p for p in (TRT_EP, CUDA_EP) if p in available]
+        chain: list[Any] = [CUDA_EP] if CUDA_EP in available else []
     elif requested == "tensorrt":
-        chain = [TRT_EP, CUDA_EP]
+        opts: dict[str, Any] = {"trt_engine_cache_enable": True, "trt_timing_cache_enable": True}
+        if cache_dir is not None:
+            opts.update(trt_engine_cache_path=str(cache_dir), trt_timing_cache_path=str(cache_dir))
+        if spec is not None:
+            opts.update(_trt_ep_profile(spec))
+        chain = [(TRT_EP, opts), CUDA_EP]
     elif requested == "cuda":
         chain = [CUDA_EP]
     elif requested == "cpu":
         chain = []
     else:
         raise BackendError(f"ONNX Runtime provider: expected auto, cpu, cuda or tensorrt, got {requested!r}")
-    return [(p, trt_opts) if p == TRT_EP else p for p in chain] + [CPU_EP]
+    return chain + [CPU_EP]
+
+
+def _trt_ep_profile(spec: GraphSpec) -> dict[str, str]:
+    axes = spec.axes()
+    shapes = {}
+    for which in ("min", "opt", "max"):
+        sizes = {n: getattr(a, which) for n, a in axes.items()}
+        shapes[which] = ",".join(f"{t.name}:" + "x".join(str(d) for d in spec.shape_of(t, sizes)) for t in spec.inputs)
+    return {"trt_profile_min_shapes": shapes["min"], "trt_profile_opt_shapes": shapes["opt"],
+            "trt_profile_max_shapes": shapes["max"]}
+
+
+def ort_cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "avg-edge" / "ort-tensorrt"
 
 
 class OrtBackend(Backend):
@@ -44,7 +69,7 @@ class OrtBackend(Backend):
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        wanted = choose_providers(providers, ort.get_available_providers(), path.parent / "ort-trt-cache")
+        wanted = choose_providers(providers, spec, ort_cache_dir())
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=wanted)
         except Exception as e:  # onnxruntime has its own exception types
@@ -64,7 +89,10 @@ class OrtBackend(Backend):
 
     def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self.spec.output_names
-        return dict(zip(names, self.session.run(names, feeds)))
+        try:
+            return dict(zip(names, self.session.run(names, feeds)))
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BackendError(f"ONNX Runtime failed on {self.spec.name}: {str(e).splitlines()[0][:300]}") from e
 
     # -- IO binding: outputs stay as OrtValues on the device, fed back without copies --
     def infer_bound(self, feeds: dict[str, Any], to_host: tuple[str, ...]) -> dict[str, Any]:
@@ -83,7 +111,10 @@ class OrtBackend(Backend):
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.spec.output_names:
             binding.bind_output(name, "cpu" if name in to_host else self._device)
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BackendError(f"ONNX Runtime failed on {self.spec.name}: {str(e).splitlines()[0][:300]}") from e
         values = binding.get_outputs()
         out = {}
         for name, v in zip(self.spec.output_names, values):

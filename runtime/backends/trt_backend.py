@@ -75,12 +75,17 @@ class TrtBackend(Backend):
                 "Engines are not portable: rebuild with avg-export build --backend trt on this machine"
             )
         import tensorrt as trt
-        from cuda.bindings import runtime as cudart
 
+        from avg_edge.export.tensorrt_build import cudart as _cudart
+
+        cudart = _cudart()
         self._trt, self._cudart = trt, cudart
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        import mmap
+
+        with open(engine_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+            self.engine = self._runtime.deserialize_cuda_engine(blob)   # no second copy in host memory
         if self.engine is None:
             raise BackendError(f"TensorRT could not deserialize {engine_path.name}; rebuild it")
         self.context = self.engine.create_execution_context()
@@ -105,7 +110,8 @@ class TrtBackend(Backend):
     def infer_bound(self, feeds: dict[str, Any], to_host: tuple[str, ...], timed: bool = True) -> dict[str, Any]:
         """Inputs may be DeviceArrays (no copy); outputs not in `to_host` stay on the GPU as
         DeviceArrays.  Those live in two alternating buffers per name, so the KV cache a
-        step returns can feed the next step while that step writes the other buffer."""
+        step returns can feed the next step while that step writes the other buffer.
+        A returned DeviceArray is valid until the second call after the one that made it."""
         import time
 
         cudart, ctx = self._cudart, self.context
@@ -114,12 +120,14 @@ class TrtBackend(Backend):
         shapes = {n: (v.shape if isinstance(v, DeviceArray) else np.shape(v)) for n, v in feeds.items()}
         profile = _profile_for(self.spec, {n: _Shape(tuple(s)) for n, s in shapes.items()})
         if profile != self._profile:
-            ctx.set_optimization_profile_async(profile, self.stream)
+            if not ctx.set_optimization_profile_async(profile, self.stream):
+                raise BackendError(f"{self.spec.name}: TensorRT refused optimisation profile {profile}")
             self._profile = profile
         hosts = []
         for t in self.spec.inputs:
             v = feeds[t.name]
-            ctx.set_input_shape(t.name, tuple(shapes[t.name]))
+            if not ctx.set_input_shape(t.name, tuple(shapes[t.name])):
+                raise BackendError(f"{self.spec.name}.{t.name}: TensorRT refused shape {tuple(shapes[t.name])}")
             if isinstance(v, DeviceArray):
                 ctx.set_tensor_address(t.name, v.ptr)
                 continue
@@ -132,6 +140,9 @@ class TrtBackend(Backend):
         outs: dict[str, Any] = {}
         for t in self.spec.outputs:
             shape = tuple(ctx.get_tensor_shape(t.name))
+            if any(d < 0 for d in shape):
+                raise BackendError(f"{self.spec.name}.{t.name}: output shape {shape} is unresolved "
+                                   f"for inputs {({n: tuple(v) for n, v in shapes.items()})}")
             nbytes = int(np.prod(shape)) * np.dtype(t.dtype).itemsize
             slot = 0 if t.name in to_host else self._slot.get(t.name, 0) ^ 1
             self._slot[t.name] = slot

@@ -45,9 +45,10 @@ def c_prelude(site_dirs: list[str]) -> str:
     return (
         "#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>\n#include \"avg_edge.h\"\n"
         "__attribute__((constructor)) static void avg_edge_python_path(void) {\n"
-        f"    if (getenv(\"PYTHONHOME\") == NULL) setenv(\"PYTHONHOME\", \"{home}\", 1);\n"
+        f"    if (getenv(\"PYTHONHOME\") == NULL) {{ setenv(\"PYTHONHOME\", \"{home}\", 1); setenv(\"AVG_EDGE_SET_HOME\", \"1\", 1); }}\n"
         f"    const char *mine = \"{path}\";\n"
         "    const char *old = getenv(\"PYTHONPATH\");\n"
+        "    if (old != NULL) setenv(\"AVG_EDGE_OLD_PATH\", old, 1);\n"
         "    if (old == NULL || *old == 0) { setenv(\"PYTHONPATH\", mine, 1); return; }\n"
         "    size_t n = strlen(mine) + strlen(old) + 2;\n"
         "    char *both = malloc(n);\n"
@@ -60,8 +61,17 @@ def c_prelude(site_dirs: list[str]) -> str:
 
 
 def init_code(site_dirs: list[str]) -> str:
+    # Once Python runs, put the host's environment back as it was, so processes the host
+    # starts later do not inherit our PYTHONHOME/PYTHONPATH.
     return (
-        "import site\n"
+        "import os, site\n"
+        "if os.environ.pop('AVG_EDGE_SET_HOME', None):\n"
+        "    os.environ.pop('PYTHONHOME', None)\n"
+        "_old = os.environ.pop('AVG_EDGE_OLD_PATH', None)\n"
+        "if _old is None:\n"
+        "    os.environ.pop('PYTHONPATH', None)\n"
+        "else:\n"
+        "    os.environ['PYTHONPATH'] = _old\n"
         f"for _d in {site_dirs!r}:\n"
         "    site.addsitedir(_d)\n"
         f"from {MODULE} import ffi, lib\n"

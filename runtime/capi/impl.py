@@ -50,12 +50,15 @@ def install(ffi: Any, lib: Any) -> None:
     def text(ptr: Any, what: str) -> str:
         if ptr == ffi.NULL:
             raise InputError(f"{what}: expected a string, got NULL")
-        return ffi.string(ptr).decode("utf-8")
+        try:
+            return ffi.string(ptr).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{what}: expected UTF-8 text ({e})") from e
 
     def options(ptr: Any, what: str) -> dict:
         if ptr == ffi.NULL:
             return {}
-        raw = ffi.string(ptr).decode("utf-8")
+        raw = text(ptr, what)
         try:
             value = json.loads(raw) if raw.strip() else {}
         except json.JSONDecodeError as e:
@@ -85,6 +88,10 @@ def install(ffi: Any, lib: Any) -> None:
             unknown = set(opts) - {"backend", "verify", "threads"}
             if unknown:
                 raise InputError(f"options_json: unknown keys {sorted(unknown)}; valid: backend, verify, threads")
+            if not isinstance(opts.get("verify", False), bool):
+                raise InputError(f"options_json.verify: expected true or false, got {opts['verify']!r}")
+            if isinstance(opts.get("threads", 0), bool) or not isinstance(opts.get("threads", 0), int):
+                raise InputError(f"options_json.threads: expected an integer, got {opts['threads']!r}")
             from avg_edge.runtime.pipeline import Pipeline
 
             pipe = Pipeline.load(folder, backend=opts.get("backend", "auto"), verify=bool(opts.get("verify", False)),
@@ -117,7 +124,14 @@ def install(ffi: Any, lib: Any) -> None:
                 if on_token != ffi.NULL and on_token(ffi.new("char[]", piece.encode("utf-8")), user_data) != 0:
                     raise _Cancelled("cancelled by the token callback")
 
+            from avg_edge.runtime.sampling import SamplingParams
+
+            try:
+                SamplingParams(p.get("temperature", 0.0), p.get("top_k"), p.get("top_p"), p.get("seed"))
+            except TypeError as e:
+                raise InputError(f"params_json: {e}") from e
             with lock:
+                lookup(ctx)   # closed while this call waited for the lock?
                 r = pipe.generate(data, q, on_text=on_text, **p)
             if result_json != ffi.NULL:
                 d = {"answer": r.text, **r.to_dict()}
