@@ -18,9 +18,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider
 
-demo: $(VENV)/.installed
-	@echo "make demo arrives with the demo-model and runtime issues (#4, #5): not built yet." >&2
-	@exit 2
+DEMO_BUILD := builds/avg-edge-demo
+
+# Build the bundled demo model once (fp32, ONNX Runtime), then ask one coarse and one
+# fine question; -v prints the chosen granularity and visual tokens vs 576 to stderr.
+$(DEMO_BUILD)/manifest.json: $(VENV)/.installed $(wildcard model/demo/checkpoint/*)
+	$(VENV)/bin/avg-export build --force
+
+demo: $(DEMO_BUILD)/manifest.json
+	@echo; echo '$$ avg-run examples/demo-1.png "What colour is the background?" -v'
+	@$(VENV)/bin/avg-run examples/demo-1.png "What colour is the background?" -v
+	@echo; echo '$$ avg-run examples/demo-2.png "What colour is the upper small marker?" -v'
+	@$(VENV)/bin/avg-run examples/demo-2.png "What colour is the upper small marker?" -v
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_runtime.py
