@@ -27,11 +27,11 @@ DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "model" / "demo" / "checkpo
 COLUMNS = (*KINDS, "coarse", "fine", "all")
 
 
-def markdown(table: dict[str, dict[str, float]], n_questions: int, checkpoint: str) -> str:
+def markdown(table: dict[str, dict[str, float]], n_questions: int, checkpoint: str, split: str = "test") -> str:
     settings = [s for s in ("36", "72", "144", "288", "576", "router") if s in table]
     full = table["576"]["tokens"]
     lines = [
-        f"# Demo model on the test split ({n_questions} questions, {n_questions // len(KINDS)} images)",
+        f"# Demo model on the {split} split ({n_questions} questions, {n_questions // len(KINDS)} images)",
         "",
         f"Checkpoint: `{checkpoint}`. Accuracy (%) = exact match of the greedy answer.",
         "",
@@ -48,7 +48,7 @@ def markdown(table: dict[str, dict[str, float]], n_questions: int, checkpoint: s
     return "\n".join(lines) + "\n"
 
 
-def plot(table: dict[str, dict[str, float]], path: Path) -> None:
+def plot(table: dict[str, dict[str, float]], path: Path, split: str = "test") -> None:
     """Accuracy (overall, coarse, fine) against mean visual tokens, log-x axis."""
     W, H, L, R, T, B = 720, 460, 70, 30, 40, 60
     img = Image.new("RGB", (W, H), "white")
@@ -68,7 +68,7 @@ def plot(table: dict[str, dict[str, float]], path: Path) -> None:
             d.line((px(x), T, px(x), H - B), fill=(225, 225, 225))
             d.text((px(x) - 12, H - B + 6), str(x), fill="black")
     d.text((W // 2 - 80, H - 22), "mean visual tokens (log scale)", fill="black")
-    d.text((L, 12), "Demo model, test split: accuracy (%) vs visual tokens", fill="black")
+    d.text((L, 12), f"Demo model, {split} split: accuracy (%) vs mean visual tokens per image", fill="black")
     series = (("all", (30, 30, 30)), ("fine", (200, 40, 40)), ("coarse", (40, 90, 200)))
     for i, (key, colour) in enumerate(series):
         pts = [(px(table[s]["tokens"]), py(table[s][key])) for s in fixed]
@@ -100,12 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     answers = collect(model, model.tokenizer, args.split, images)
     table = summarize(answers)
     n_questions = images * len(KINDS)
-    text = markdown(table, n_questions, args.checkpoint)
+    text = markdown(table, n_questions, args.checkpoint, args.split)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_eval.md").write_text(text)
     (out / "demo_eval.json").write_text(json.dumps(table, indent=2))
-    plot(table, out / "demo_eval.png")
+    plot(table, out / "demo_eval.png", args.split)
     print(text)
     print(f"{n_questions} questions in {time.perf_counter() - t0:.0f} s; wrote {out / 'demo_eval.md'} and demo_eval.png")
 

@@ -1,0 +1,264 @@
+"""Train the demo AVG-LLaVA on CPU: three stages, resumable, seeded.
+
+    python -m avg_edge.model.demo.train --out runs/demo [--resume]
+
+1. granularity 576: projector, image_newline and decoder (the vision tower keeps its
+   designed initialisation: colour/layout patch filters and 2-D sine positions; training
+   it from scratch at one image per step stalled every question but the background, so
+   it is only trained with --train-tower);
+2. multi-granularity tuning: loss = mean of the five granularities' losses, tower frozen
+   (its outputs are cached per training image);
+3. RGLF: router only; per sample the answer NLL at each granularity ranks them.
+
+State (model, optimizer, RNG) is saved every --save-every steps as safetensors plus a
+progress.json; --resume continues from it.  The final model goes to --checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+
+from avg_edge.model.checkpoint import save_checkpoint
+from avg_edge.model.demo.core import answer_nll, demo_config, encode_image, encode_qa, scaled_from_tower
+from avg_edge.model.demo.data import sample, training_qas
+from avg_edge.model.demo.tokenizer import write_tokenizer
+from avg_edge.model.demo.validate import validate
+from avg_edge.model.llava import AvgLlavaModel
+from avg_edge.model.rglf import rglf_loss
+from avg_edge.runtime.tokenizer import JsonTokenizer
+
+STAGES = ("stage1", "stage2", "stage3")
+
+
+def sincos_positions(model: AvgLlavaModel, scale: float = 2.0) -> None:
+    """Initialise the ViT's learned position embeddings with a 2-D sine/cosine table
+    (half the channels for x, half for y; CLS row zero), large enough to be seen next
+    to the patch content.  Random 0.02-scale positions left the task's "where" unlearnt."""
+    emb = model.vision_tower.clip.embeddings.position_embedding.weight  # [1 + g*g, Dv]
+    dim, grid = emb.shape[1] // 2, model.config.vision.grid  # positions use the upper half
+    quarter = dim // 4
+    freq = 1.0 / (100.0 ** (torch.arange(quarter) / quarter))                     # [Dv/4]
+    pos = torch.arange(grid, dtype=torch.float32)
+    yy, xx = torch.meshgrid(pos, pos, indexing="ij")                               # [g, g]
+    ax = xx.reshape(-1, 1) * freq                                                  # [g*g, Dv/4]
+    ay = yy.reshape(-1, 1) * freq                                                  # [g*g, Dv/4]
+    table = torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1) * scale     # [g*g, Dv]
+    with torch.no_grad():
+        emb.zero_()
+        emb[1:, dim: dim + table.shape[1]] = table
+
+
+def colour_patches(model: AvgLlavaModel, scale: float = 1.0) -> None:
+    """Initialise the patch embedding so its lower channels read mean colours of the
+    patch, its halves and its quadrants (27 channels); the rest start near zero.  Clean
+    colour-and-layout features let the tiny decoder learn from a few thousand images."""
+    conv = model.vision_tower.clip.embeddings.patch_embedding                      # [Dv, 3, p, p]
+    p = conv.weight.shape[-1]
+    h = p // 2
+    regions = [(0, p, 0, p), (0, h, 0, p), (h, p, 0, p), (0, p, 0, h), (0, p, h, p),
+               (0, h, 0, h), (0, h, h, p), (h, p, 0, h), (h, p, h, p)]
+    with torch.no_grad():
+        conv.weight.normal_(0.0, 0.01)
+        conv.weight[conv.weight.shape[0] // 2:] = 0.0                             # position channels
+        for r, (y0, y1, x0, x1) in enumerate(regions):
+            for c in range(3):
+                conv.weight[3 * r + c] = 0.0
+                conv.weight[3 * r + c, c, y0:y1, x0:x1] = scale / ((y1 - y0) * (x1 - x0))
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def trainable(model: AvgLlavaModel, stage: str, train_tower: bool = False) -> list[torch.nn.Parameter]:
+    for name, p in model.named_parameters():
+        if stage == "stage1" and train_tower:
+            p.requires_grad_(not name.startswith("router."))
+        elif stage == "stage1":  # tower kept at its designed initialisation (see --train-tower)
+            p.requires_grad_(not name.startswith(("router.", "vision_tower.")))
+        elif stage == "stage2":
+            p.requires_grad_(not name.startswith(("router.", "vision_tower.")))
+        else:
+            p.requires_grad_(name.startswith("router."))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# -- state files ------------------------------------------------------------------
+def save_state(folder: Path, model: AvgLlavaModel, opt: torch.optim.Optimizer, stage: str, step: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.reshape(-1) if v.dim() == 0 else v
+               for i, st in sd["state"].items() for k, v in st.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    (folder / "progress.json").write_text(json.dumps({"stage": stage, "step": step, "param_groups": sd["param_groups"]}))
+
+
+def load_state(folder: Path, model: AvgLlavaModel, opt: torch.optim.Optimizer) -> None:
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    flat = load_file(str(folder / "optimizer.safetensors"))
+    torch.set_rng_state(flat.pop("rng.torch"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v.reshape(()) if k == "step" else v
+    groups = json.loads((folder / "progress.json").read_text())["param_groups"]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# -- one step per stage -----------------------------------------------------------------
+class Trainer:
+    def __init__(self, args: argparse.Namespace, model: AvgLlavaModel, tok: JsonTokenizer) -> None:
+        self.args, self.model, self.tok = args, model, tok
+        self.tower: dict[int, tuple] = {}   # image index -> (preprocessed, tower features)
+        self.nll: dict[int, torch.Tensor] = {}  # image index -> [questions, G] (stage 3)
+        self.log_file = open(Path(args.out) / "log.jsonl", "a")
+
+    def log(self, record: dict) -> None:
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+
+    def prompts(self, s):
+        return [encode_qa(self.tok, self.model.config, qa) for qa in training_qas(s)]
+
+    def cached(self, idx: int):
+        if idx not in self.tower:
+            with torch.no_grad():
+                self.tower[idx] = encode_image(self.model, sample("train", idx).image)
+        return self.tower[idx]
+
+    def stage1(self, idx: int) -> torch.Tensor:
+        s = sample("train", idx)
+        with torch.set_grad_enabled(self.args.train_tower):
+            pre, feats = encode_image(self.model, s.image)                   # [crops, 576, Dv]
+        scaled = {576: self.model.mm_projector(feats)}                        # {576: [crops, 576, D]}
+        return answer_nll(self.model, scaled, 576, pre, self.prompts(s)).mean()
+
+    def stage2(self, idx: int) -> torch.Tensor:
+        pre, feats = self.cached(idx)
+        scaled = scaled_from_tower(self.model, feats)                         # {g: [crops, g, D]}
+        ps = self.prompts(sample("train", idx))
+        losses = [answer_nll(self.model, scaled, g, pre, ps).mean() for g in self.model.config.granularities]
+        return torch.stack(losses).mean()
+
+    def stage3(self, idx: int) -> torch.Tensor:
+        m = self.model
+        pre, feats = self.cached(idx)
+        ps = self.prompts(sample("train", idx))
+        with torch.no_grad():
+            scaled = scaled_from_tower(m, feats)
+            if idx not in self.nll:
+                self.nll[idx] = torch.stack([answer_nll(m, scaled, g, pre, ps) for g in m.config.granularities], 1)
+            text = [torch.cat([m.embed_ids(p.before), m.embed_ids(p.after)]) for p in ps]  # [T, D] each
+        logits = torch.stack([m.router(scaled, t) for t in text])                 # [Q, G]
+        return rglf_loss(logits, self.nll[idx], margin=1.0)
+
+
+def run_stage(tr: Trainer, stage: str, steps: int, pool: int, lr: float, start: int, opt, bar: Progress) -> None:
+    args, model = tr.args, tr.model
+    n = steps * args.accum if stage == "stage1" else pool  # stage 1 sees fresh images; 2 and 3 cycle a cached pool
+    order = np.random.default_rng([7, STAGES.index(stage)]).permutation(n)
+    step_fn = getattr(tr, stage)
+    task = bar.add_task(stage, total=steps, completed=start, loss=float("nan"))
+    ema = None
+    for step in range(start, steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        idx = int(order[step % n])
+        opt.zero_grad(set_to_none=True)
+        accum = args.accum if stage == "stage1" else 1
+        total = 0.0
+        for k in range(accum):  # stage 1: several fresh images per step
+            loss = step_fn(int(order[(step * accum + k) % n]) if stage == "stage1" else idx) / accum
+            loss.backward()
+            total += float(loss.detach())
+        loss = torch.tensor(total)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        value = float(loss.detach())
+        ema = value if ema is None else 0.98 * ema + 0.02 * value
+        bar.update(task, advance=1, loss=ema)
+        if (step + 1) % 100 == 0:
+            tr.log({"stage": stage, "step": step + 1, "loss_ema": round(ema, 4), "lr": opt.param_groups[0]["lr"]})
+        if (step + 1) % args.save_every == 0 or step + 1 == steps:
+            save_state(Path(args.out) / "state", model, opt, stage, step + 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="run folder (state, logs)")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--checkpoint", default=str(Path(__file__).parent / "checkpoint"), help="final model folder")
+    ap.add_argument("--steps", type=int, nargs=3, default=[4750, 1000, 600], metavar=("S1", "S2", "S3"))
+    ap.add_argument("--pool", type=int, nargs=2, default=[800, 400], metavar=("P2", "P3"),
+                    help="train images cycled in stages 2 and 3 (tower outputs cached)")
+    ap.add_argument("--lr", type=float, nargs=3, default=[1e-3, 5e-4, 1e-3])
+    ap.add_argument("--train-tower", action="store_true",
+                    help="also train the vision tower in stage 1 (from scratch at batch 1 this stalled every "
+                         "question but the background; by default it keeps its colour/position initialisation)")
+    ap.add_argument("--accum", type=int, default=1, help="images per stage-1 step")
+    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--val", type=int, default=20, help="validation images checked after each stage")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = JsonTokenizer(write_tokenizer(out / "tokenizer.json"))
+    torch.manual_seed(0)
+    model = AvgLlavaModel(demo_config(tok.vocab_size), tok)
+    sincos_positions(model)
+    colour_patches(model)
+    with torch.no_grad():  # the voter starts at zeros in the model: small positive votes instead
+        L = model.router.voter.shape[0]
+        model.router.voter.copy_((1.0 + 0.5 * torch.randn(L, 1)) / L)
+    progress = json.loads((out / "state" / "progress.json").read_text()) if args.resume and (out / "state" / "progress.json").exists() else None
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(), TimeRemainingColumn())
+    tr = Trainer(args, model, tok)
+    for si, stage in enumerate(STAGES):
+        steps = args.steps[si]
+        start = 0
+        params = trainable(model, stage, args.train_tower)
+        opt = torch.optim.AdamW(params, lr=args.lr[si], weight_decay=0.0)
+        if progress is not None:
+            done = STAGES.index(progress["stage"])
+            if si < done or (si == done and progress["step"] >= steps):
+                if si == done:  # stage finished: only its weights are needed
+                    model.load_state_dict(load_file(str(out / "state" / "model.safetensors")))
+                continue
+            if si == done:
+                load_state(out / "state", model, opt)
+                start = progress["step"]
+        model.train()
+        pool = args.pool[0] if stage == "stage2" else args.pool[1]
+        with Progress(*cols) as bar:
+            run_stage(tr, stage, steps, pool, args.lr[si], start, opt, bar)
+        model.eval()
+        acc = validate(model, tok, "val", args.val)
+        tr.log({"stage": stage, "val": acc})
+        print(stage, "val accuracy:", json.dumps(acc))
+        if stage == "stage2":
+            tr.tower = {k: v for k, v in tr.tower.items() if k < args.pool[1]}  # keep what stage 3 uses
+    final = Path(args.checkpoint)
+    if final.exists():
+        shutil.rmtree(final)
+    save_checkpoint(model, final, tokenizer_files=(out / "tokenizer.json",))
+    print("wrote", final)
+
+
+if __name__ == "__main__":
+    main()
