@@ -33,6 +33,7 @@ demo: $(DEMO_BUILD)/manifest.json
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_runtime.py
+	$(PY) benchmarks/bench_runtime.py --tiny
 	$(PY) benchmarks/bench_export.py
 
 capi: $(VENV)/.installed

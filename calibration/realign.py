@@ -146,7 +146,7 @@ def realign(build_dir: Path, o: RealignOptions, progress: Callable[[str], None] 
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     router.eval()
     changed = sorted(k for k, v in model.state_dict().items() if not torch.equal(v, snapshot[k]))
     if any(not k.startswith("router.") for k in changed):
