@@ -56,7 +56,9 @@ def build_quantized(o: BuildOptions, q: QuantOptions, progress: Callable[[str], 
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     try:
-        opset = max(o.opset, INT4_OPSET) if o.precision == "int4" else o.opset
+        # int4's blocked DequantizeLinear needs opset 21; ONNX Runtime's int8 Q/DQ writer
+        # produces an invalid model at 21+, so int8 exports at 20 at most.
+        opset = max(o.opset, INT4_OPSET) if o.precision == "int4" else min(o.opset, 20)
         fp32_dir = work / "fp32"
         progress(f"[1/6] fp32 build (opset {opset}), validated against PyTorch:")
         fp32 = build(dataclasses.replace(o, output=fp32_dir, precision="fp32", backend="onnx", opset=opset, force=False),
