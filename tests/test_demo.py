@@ -45,7 +45,8 @@ def test_images_use_several_pinpoints():
 
 
 def test_markers_are_drawn_where_the_answers_say():
-    """The upper marker's colour is above the lower one's, MARKER_GAP tile pixels apart."""
+    """In every row of pairs the upper marker's colour is above the lower one's, MARKER_GAP
+    tile pixels apart (compared on the top edges of the first row)."""
     import numpy as np
 
     for i in range(10):
@@ -56,11 +57,11 @@ def test_markers_are_drawn_where_the_answers_say():
             rgb = np.array(MARKERS[s.facts[kind]])
             hit = np.argwhere(np.abs(px - rgb).sum(-1) < 10)
             assert len(hit) > 0
-            ys[kind] = hit[:, 0].mean()
+            ys[kind] = hit[:, 0].min()
         assert ys["upper"] < ys["lower"]
         pw, ph = select_best_resolution(s.image.size, PINPOINTS)
         scale = min(pw / s.image.width, ph / s.image.height)
-        assert (ys["lower"] - ys["upper"]) * scale == pytest.approx(MARKER_GAP, abs=2.0)
+        assert (ys["lower"] - ys["upper"]) * scale == pytest.approx(MARKER_GAP, abs=1.5)
 
 
 def test_tokenizer_covers_every_prompt():
@@ -107,9 +108,9 @@ def demo_model():
 
 
 # Six questions from the TEST split (never used for training or choosing), of the kinds
-# the shipped weights answer reliably (background, side).  The current weights are at
-# chance on the fine kinds (see benchmarks/results/demo_eval.md): add them here once a
-# retrained checkpoint answers them.
+# the shipped weights answer reliably (background, side).  The v2 weights name the two
+# marker colours but not their vertical order (upper/lower/where about 50%, see
+# benchmarks/results/demo_eval.md): add fine questions here once a checkpoint answers them.
 HANDFUL = [(0, "background"), (1, "side"), (2, "background"), (3, "side"), (4, "background"), (5, "side")]
 
 

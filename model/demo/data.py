@@ -1,15 +1,19 @@
 """The demo task: seeded synthetic images whose questions need different visual detail.
 
 Every image has a muted background, one large light shape (circle, square or triangle)
-on the left or right, and, in the other half, a pair of tiny coloured markers stacked
-vertically, 28 px apart (centre to centre) in the AnyRes tile space.
+on the left or right, and, in the other half, a horizontal row of identical marker
+pairs: small coloured squares (12 px), the same two colours in the same vertical order,
+28 px apart (centre to centre), repeated every 24 px across that half.  Positions are
+chosen in AnyRes tile pixels (each pair lies inside one tile row), so many visual
+tokens carry the answer instead of the 2-4 of a single pair.
 
 Coarse questions (survive 4x4 pooling, i.e. granularity 36): the background colour, the
 large shape's kind, the side it is on.  Fine questions: the colour of the upper / lower
 marker and whether a named marker is on top or bottom.  Average pooling keeps how much
-of each colour a cell holds but not where inside the cell: 2-row cells (28 px; 144
-tokens) always separate the two markers, 4-row cells (56 px; 36 tokens) merge them about
-half the time, so the vertical order is lost there.
+of each colour a cell holds but not where inside the cell: 2-row cells (28 px; 144 and
+72 tokens) always separate the two rows of markers; for half the images (MERGED_P) the
+pair sits inside one 4-row cell (56 px; 36 tokens) so the vertical order is lost there,
+for the other half the two rows fall into neighbouring 4-row cells.
 
 `sample(split, index)` is a pure function of (split, index): the same arguments give the
 same image bytes and the same questions.  Splits differ by their seed stream.
@@ -17,6 +21,7 @@ same image bytes and the same questions.  Splits differ by their seed stream.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +37,13 @@ BACKGROUNDS = {"gray": (110, 110, 110), "brown": (120, 72, 40), "purple": (90, 5
 MARKERS = {"red": (235, 20, 20), "green": (20, 220, 40), "blue": (40, 90, 255), "yellow": (245, 235, 20)}
 SHAPES = ("circle", "square", "triangle")
 SHAPE_RGB = (235, 235, 225)
-MARKER_PX = 10      # marker side in tile pixels
+MARKER_PX = 14      # marker side in tile pixels
 MARKER_GAP = 28     # centre-to-centre vertical distance in tile pixels
+PAIR_SPACING = 18   # horizontal period of the repeated pairs, tile pixels
+ROW_PERIOD = 112    # vertical period of the rows of pairs (two 4x4-pooled cells: same phase)
+MAX_ROWS = 3
+MERGED_P = 0.5      # share of images whose pair sits inside one 56-px (4x4-pooled) cell
+TILE = 336
 
 COARSE = ("background", "shape", "side")
 FINE = ("upper", "lower", "where")
@@ -95,6 +105,17 @@ def _size(rng: np.random.Generator) -> tuple[tuple[int, int], float]:
     return (w, h), min(bw / w, bh / h)
 
 
+def _padding(size: tuple[int, int], scale: float) -> tuple[float, float, int]:
+    """Left/top padding (tile pixels) of AnyRes's resize-and-pad, and the tile rows."""
+    w, h = size
+    pw, ph = select_best_resolution(size, PINPOINTS)
+    if pw / w < ph / h:
+        nw, nh = pw, min(math.ceil(h * pw / w), ph)
+    else:
+        nw, nh = min(math.ceil(w * ph / h), pw), ph
+    return (pw - nw) // 2, (ph - nh) // 2, ph // TILE
+
+
 def _draw_shape(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float) -> None:
     box = (cx - r, cy - r, cx + r, cy + r)
     if kind == "circle":
@@ -121,13 +142,29 @@ def sample(split: str, index: int) -> Sample:
     cx = x0 + rng.uniform(r + 0.05 * half, half - r - 0.05 * half) if half > 2.1 * r else x0 + half / 2
     cy = rng.uniform(r + 0.05 * h, h - r - 0.05 * h)
     _draw_shape(d, shape, cx, cy, r)
-    # markers: in the other half, away from the edges; sizes in tile pixels / scale
-    m, gap = MARKER_PX / scale, MARKER_GAP / scale
-    mx0 = half if side == "left" else 0.0
-    mx = rng.uniform(mx0 + 0.2 * half, mx0 + 0.8 * half)
-    my = rng.uniform(0.12 * h, 0.88 * h - gap)                 # upper marker centre
-    for colour, y in ((up, my), (low, my + gap)):
-        d.rectangle((mx - m / 2, y - m / 2, mx + m / 2, y + m / 2), fill=MARKERS[colour])
+    # markers: a row of identical pairs in the other half, placed in AnyRes tile pixels
+    # (tile = scale * image + pad) and mapped back to image pixels
+    pad_x, pad_y, tiles_high = _padding((w, h), scale)
+    m = MARKER_PX
+    merged = bool(rng.random() < MERGED_P)
+    o = int(rng.integers(1, 16)) if merged else int(rng.integers(29, 44))   # top edge within a 56-px cell
+    top, bottom = pad_y + 8, pad_y + h * scale - 8                            # image rows, in tile pixels
+    slots = [56 * k + o for k in range(6 * tiles_high)
+             if (56 * k + o) // TILE == (56 * k + o + MARKER_GAP + m) // TILE    # pair inside one tile row
+             and top <= 56 * k + o and 56 * k + o + MARKER_GAP + m <= bottom]
+    first = int(rng.integers(2))                                              # rows every 112 px (2 cells)
+    rows = [y for y in slots if (y - slots[0]) % ROW_PERIOD == 56 * first % ROW_PERIOD] or slots[:1]
+    rows = rows[:MAX_ROWS]
+    hx0 = (half if side == "left" else 0.0) * scale + pad_x                   # marker half, tile px
+    hx1 = hx0 + half * scale
+    n = max(1, int((0.84 * (hx1 - hx0) - m) // PAIR_SPACING) + 1)
+    x_first = hx0 + rng.uniform(0.06, 0.16) * (hx1 - hx0)
+    for y_t in rows:                                                          # upper marker's top, tile px
+        for i in range(n):
+            x_t = x_first + i * PAIR_SPACING
+            for colour, yy in ((up, y_t), (low, y_t + MARKER_GAP)):
+                box = ((x_t - pad_x) / scale, (yy - pad_y) / scale, (x_t + m - pad_x) / scale, (yy + m - pad_y) / scale)
+                d.rectangle(tuple(round(v) for v in box), fill=MARKERS[colour])
     named = str(rng.choice([up, low]))
     t = [int(rng.integers(2)) for _ in KINDS]
     answers = {"background": bg, "shape": shape, "side": side, "upper": up, "lower": low,

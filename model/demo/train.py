@@ -2,10 +2,13 @@
 
     python -m avg_edge.model.demo.train --out runs/demo [--resume]
 
-1. granularity 576: projector, image_newline and decoder (the vision tower keeps its
-   designed initialisation: colour/layout patch filters and 2-D sine positions; training
-   it from scratch at one image per step stalled every question but the background, so
-   it is only trained with --train-tower);
+1. projector, image_newline and decoder, one fresh image per step at a granularity cycled
+   from --stage1-granularities (default mostly 72/144, every fifth image 576: with ~200
+   visual tokens instead of ~2000 the decoder learns to find the small markers; trained
+   at 576 only, v1 stayed at chance on every marker question).  The vision tower keeps
+   its designed initialisation: colour/layout patch filters and 2-D sine positions;
+   training it from scratch at one image per step stalled every question but the
+   background, so it is only trained with --train-tower;
 2. multi-granularity tuning: loss = mean of the five granularities' losses, tower frozen
    (its outputs are cached per training image);
 3. RGLF: router only; per sample the answer NLL at each granularity ranks them.
@@ -144,8 +147,13 @@ class Trainer:
         s = sample("train", idx)
         with torch.set_grad_enabled(self.args.train_tower):
             pre, feats = encode_image(self.model, s.image)                   # [crops, 576, Dv]
-        scaled = {576: self.model.mm_projector(feats)}                        # {576: [crops, 576, D]}
-        return answer_nll(self.model, scaled, 576, pre, self.prompts(s)).mean()
+        gs = self.args.stage1_granularities
+        g = gs[idx % len(gs)]  # few-token granularities teach the decoder where to look, cheaply
+        if g == 576:
+            scaled = {576: self.model.mm_projector(feats)}                    # {576: [crops, 576, D]}
+        else:
+            scaled = scaled_from_tower(self.model, feats)                     # {g: [crops, g, D]}
+        return answer_nll(self.model, scaled, g, pre, self.prompts(s)).mean()
 
     def stage2(self, idx: int) -> torch.Tensor:
         pre, feats = self.cached(idx)
@@ -202,13 +210,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="run folder (state, logs)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--checkpoint", default=str(Path(__file__).parent / "checkpoint"), help="final model folder")
-    ap.add_argument("--steps", type=int, nargs=3, default=[4750, 1000, 600], metavar=("S1", "S2", "S3"))
-    ap.add_argument("--pool", type=int, nargs=2, default=[800, 400], metavar=("P2", "P3"),
+    ap.add_argument("--steps", type=int, nargs=3, default=[6000, 600, 300], metavar=("S1", "S2", "S3"))
+    ap.add_argument("--pool", type=int, nargs=2, default=[300, 150], metavar=("P2", "P3"),
                     help="train images cycled in stages 2 and 3 (tower outputs cached)")
     ap.add_argument("--lr", type=float, nargs=3, default=[1e-3, 5e-4, 1e-3])
     ap.add_argument("--train-tower", action="store_true",
                     help="also train the vision tower in stage 1 (from scratch at batch 1 this stalled every "
                          "question but the background; by default it keeps its colour/position initialisation)")
+    ap.add_argument("--stage1-granularities", type=int, nargs="+", default=[72, 144, 72, 144, 576], metavar="G",
+                    help="granularities cycled over stage-1 images (v2: mostly 72/144: with ~200 visual tokens "
+                         "instead of ~2000 the decoder learns to attend to the small markers)")
     ap.add_argument("--accum", type=int, default=1, help="images per stage-1 step")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--val", type=int, default=20, help="validation images checked after each stage")
