@@ -91,7 +91,7 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - report and go on
         print(f"ORT MatMulNBitsQuantizer: not measured ({type(e).__name__}: {e})")
     try:
-        import modelopt.onnx.quantization as moq  # noqa: F401
+        import modelopt.onnx.quantization  # noqa: F401
         print("modelopt is installed: add its rows by hand (it needs its own calibration reader)")
     except ImportError:
         print("modelopt: not installed (its onnx extra pins onnx 1.21 / onnxruntime-gpu 1.24): not measured")

@@ -83,7 +83,7 @@ def build_quantized(o: BuildOptions, q: QuantOptions, progress: Callable[[str], 
                 methods[name] = quantize_int4(src, dst, q.block_size)
             else:
                 methods[name] = {"method": "fp32 (int4 applies to the decoder's weights only)"}
-        progress(f"[3/6] quantized: " + "; ".join(f"{n}: {m['method']}" for n, m in methods.items())
+        progress("[3/6] quantized: " + "; ".join(f"{n}: {m['method']}" for n, m in methods.items())
                  + f" ({time.perf_counter() - t0:.1f} s)")
 
         t0 = time.perf_counter()
@@ -108,7 +108,7 @@ def build_quantized(o: BuildOptions, q: QuantOptions, progress: Callable[[str], 
         specs = {n: manifest.spec(n) for n in manifest.graphs}
         engines, trt_info = build_engines(o, specs, tmp, notes)
         manifest.engines, manifest.tensorrt = engines, trt_info
-        progress(f"[5/6] TensorRT: " + ("built " + ", ".join(engines) if engines else notes[-1]) + f" ({time.perf_counter() - t0:.1f} s)")
+        progress("[5/6] TensorRT: " + ("built " + ", ".join(engines) if engines else notes[-1]) + f" ({time.perf_counter() - t0:.1f} s)")
 
         t0 = time.perf_counter()
         manifest.record_files(tmp)

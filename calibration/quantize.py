@@ -19,7 +19,6 @@ in full precision.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -145,10 +144,3 @@ def _logits_width(model: onnx.ModelProto) -> int | None:
             dim = o.type.tensor_type.shape.dim[-1]
             return dim.dim_value or None
     return None
-
-
-def copy_graph(src: Path, dst: Path) -> None:
-    shutil.copy(src, dst)
-    data = src.with_name(src.name + ".data")
-    if data.exists():
-        shutil.copy(data, dst.with_name(dst.name + ".data"))

@@ -32,9 +32,6 @@ class Axis:
             raise ValueError(f"axis {self.name}: expected 0 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
 
 
-Dim = "int | str"  # a fixed size, or the name of an Axis
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     name: str

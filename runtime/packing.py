@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def grid_hw(tokens: int) -> tuple[int, int]:

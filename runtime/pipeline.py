@@ -239,7 +239,7 @@ class Pipeline:
         d = m.hidden_size
         source = np.concatenate([feats[S.feature_name(chosen)].reshape(-1, d), self.image_newline.reshape(1, d).astype(self.dtype)])
         visual = source[gather_indices(chosen, pre.grid, pre.image_size)]                   # [V, D]
-        embeds = np.concatenate([self.embed_table[before], visual, self.embed_table[after]]).astype(self.dtype)[None]
+        embeds = np.concatenate([text[:len(before)], visual, text[len(before):]])[None]      # [1, N, D]
         n = embeds.shape[1]
         if n >= m.context_length:
             raise InputError(f"the prompt is {n} tokens ({visual.shape[0]} visual) but the build's context holds "

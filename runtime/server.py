@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from avg_edge.errors import AvgEdgeError, ImageError, InputError
 from avg_edge.runtime.image import load_image

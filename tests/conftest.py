@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from avg_edge.model.tiny import (  # noqa: F401  (re-exported for the tests)

@@ -8,12 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from avg_edge import constants as C

@@ -7,9 +7,6 @@ input embeddings and the logits must agree, for square, tall, wide and tiny imag
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
 
