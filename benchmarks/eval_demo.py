@@ -88,7 +88,7 @@ def plot(table: dict[str, dict[str, float]], path: Path, split: str = "test") ->
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=str(DEFAULT_CKPT))
-    ap.add_argument("--n", type=int, default=1000, help="questions (six per image, one of each kind)")
+    ap.add_argument("--n", type=int, default=1000, help="questions (one of each kind per image; rounded up to whole images)")
     ap.add_argument("--split", default="test", choices=("test", "val"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--threads", type=int, default=2)

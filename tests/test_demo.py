@@ -8,7 +8,7 @@ import json
 import pytest
 
 from avg_edge.model.demo import CHECKPOINT
-from avg_edge.model.demo.data import COARSE, FINE, KINDS, MARKER_GAP, MARKERS, PINPOINTS, normalize, sample
+from avg_edge.model.demo.data import COARSE, FINE, KINDS, MARKERS, PINPOINTS, normalize, sample
 from avg_edge.runtime.preprocess import select_best_resolution
 
 
@@ -44,24 +44,80 @@ def test_images_use_several_pinpoints():
     assert len(chosen) >= 4
 
 
-def test_markers_are_drawn_where_the_answers_say():
-    """In every row of pairs the upper marker's colour is above the lower one's, MARKER_GAP
-    tile pixels apart (compared on the top edges of the first row)."""
+def _touching(mask, other) -> bool:
+    """Does a `mask` pixel have an `other` pixel among its 8 neighbours?"""
     import numpy as np
 
-    for i in range(10):
+    grown = np.zeros_like(other)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            grown |= np.roll(np.roll(other, dy, 0), dx, 1)
+    return bool((grown & mask).any())
+
+
+def test_markers_are_drawn_where_the_answers_say():
+    """White dots sit only in tiles of the white_dot colour, black dots only in tiles of
+    the black_dot colour, DOTTED of each per image; and each colour covers about the
+    same area (every cluster has the four), so a 4x4-pooled cell holds the same colours
+    whatever the answer."""
+    import numpy as np
+
+    from avg_edge.model.demo.data import DOTTED
+
+    def rectangles(m):  # top-left corners: no neighbour of the mask above or to the left
+        return int((m & ~np.roll(m, 1, 0) & ~np.roll(m, 1, 1)).sum())
+
+    for i in range(12):
         s = sample("train", i)
         px = np.asarray(s.image).astype(int)
-        ys = {}
-        for kind in ("upper", "lower"):
-            rgb = np.array(MARKERS[s.facts[kind]])
-            hit = np.argwhere(np.abs(px - rgb).sum(-1) < 10)
-            assert len(hit) > 0
-            ys[kind] = hit[:, 0].min()
-        assert ys["upper"] < ys["lower"]
+        masks = {c: np.abs(px - np.array(rgb)).sum(-1) < 12 for c, rgb in MARKERS.items()}
+        white = (px == 255).all(-1)
+        black = (px == 0).all(-1)
+        assert {c for c, m in masks.items() if _touching(m, white)} == {s.facts["white_dot"]}, (i, s.facts)
+        assert {c for c, m in masks.items() if _touching(m, black)} == {s.facts["black_dot"]}, (i, s.facts)
+        n = min(DOTTED, int(s.facts["clusters"]))
+        assert rectangles(white) == n and rectangles(black) == n, i
+        areas = [int(m.sum()) for m in masks.values()]
+        assert max(areas) <= 1.35 * min(areas), (i, areas)
+
+
+def test_every_cluster_fills_one_pooled_cell():
+    """Cluster corners lie on the 56-px cell grid of the AnyRes tiles (so 4x4 pooling
+    averages a whole cluster into one token) and the marker half never touches the shape."""
+    from avg_edge.model.demo.data import CELL, _padding
+
+    for i in range(40):
+        s = sample("val", i)
+        assert 1 <= len(s.clusters) == int(s.facts["clusters"])
         pw, ph = select_best_resolution(s.image.size, PINPOINTS)
         scale = min(pw / s.image.width, ph / s.image.height)
-        assert (ys["lower"] - ys["upper"]) * scale == pytest.approx(MARKER_GAP, abs=1.5)
+        pad_x, pad_y = _padding(s.image.size)
+        for x, y in s.clusters:
+            tx, ty = x * scale + pad_x, y * scale + pad_y
+            assert tx == pytest.approx(round(tx / CELL) * CELL, abs=1e-6)
+            assert ty == pytest.approx(round(ty / CELL) * CELL, abs=1e-6)
+            on_left = x + CELL / scale <= s.image.width / 2 + 1
+            assert on_left == (s.facts["side"] == "right")
+
+
+def test_curriculum_variants_keep_the_layout_and_reduce_the_colours():
+    import numpy as np
+
+    full, carpet1, carpet2, two = (sample("train", 4, k) for k in (0, 1, 2, 3))
+    assert [q.kind for q in carpet1.qas] == [*COARSE, "white_dot"]
+    assert [q.kind for q in sample("train", 5, 1).qas] == [*COARSE, "black_dot"]
+    assert [q.kind for q in carpet2.qas] == [q.kind for q in two.qas] == list(KINDS)
+    assert full.facts == {**two.facts} and full.clusters == two.clusters
+    px = lambda s: np.asarray(s.image).astype(int)  # noqa: E731
+    area = lambda s, c: int((np.abs(px(s) - MARKERS[c]).sum(-1) < 12).sum())  # noqa: E731
+    answer, other = full.facts["white_dot"], full.facts["black_dot"]
+    assert {c for c in MARKERS if area(carpet1, c)} == {answer}
+    assert {c for c in MARKERS if area(carpet2, c)} == {answer, other}
+    assert {c for c in MARKERS if area(two, c)} == set(MARKERS)
+    assert area(carpet1, answer) > 5 * area(full, answer)              # a carpet, not clusters
+    assert px(full)[:, :, :].tobytes() != px(two).tobytes()
+    with pytest.raises(ValueError, match="curriculum"):
+        sample("train", 5, 4)
 
 
 def test_tokenizer_covers_every_prompt():

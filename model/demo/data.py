@@ -1,19 +1,19 @@
 """The demo task: seeded synthetic images whose questions need different visual detail.
 
-Every image has a muted background, one large light shape (circle, square or triangle)
-on the left or right, and, in the other half, a horizontal row of identical marker
-pairs: small coloured squares (12 px), the same two colours in the same vertical order,
-28 px apart (centre to centre), repeated every 24 px across that half.  Positions are
-chosen in AnyRes tile pixels (each pair lies inside one tile row), so many visual
-tokens carry the answer instead of the 2-4 of a single pair.
+Every image has a muted background, one large light shape (circle, square or diamond)
+on the left or right, and, in the other half, clusters of four small markers.  A
+cluster fills one 56 x 56 px cell of the AnyRes tiles (the cell that 4x4 pooling, i.e.
+granularity 36, averages into one token): four 14 px tiles, one per marker colour, on a
+2 x 2 lattice with a 28 px pitch, shuffled per cluster.  Tiles are plain (a hole in
+the middle) except in DOTTED clusters, where the tile of one colour has a white dot,
+and DOTTED clusters, where the tile of another colour has a black dot.
 
-Coarse questions (survive 4x4 pooling, i.e. granularity 36): the background colour, the
-large shape's kind, the side it is on.  Fine questions: the colour of the upper / lower
-marker and whether a named marker is on top or bottom.  Average pooling keeps how much
-of each colour a cell holds but not where inside the cell: 2-row cells (28 px; 144 and
-72 tokens) always separate the two rows of markers; for half the images (MERGED_P) the
-pair sits inside one 4-row cell (56 px; 36 tokens) so the vertical order is lost there,
-for the other half the two rows fall into neighbouring 4-row cells.
+Coarse questions (survive pooling): the background colour, the large shape's kind, the
+side it is on.  Fine questions: the colour of the white-dotted marker and of the
+black-dotted one.  At 576, 288 and 144 tokens a dotted tile has a token to itself
+(alone, or with background at 144); at 36 it shares its token with the three other
+colours of its cluster, one token among ~100-500, and every cell holds the same colour
+mix whatever the answer.  72 tokens (2x4 pooling) pair it with its row neighbour.
 
 `sample(split, index)` is a pure function of (split, index): the same arguments give the
 same image bytes and the same questions.  Splits differ by their seed stream.
@@ -35,26 +35,26 @@ PINPOINT_P = (0.3, 0.3, 0.1, 0.15, 0.15)
 BACKGROUNDS = {"gray": (110, 110, 110), "brown": (120, 72, 40), "purple": (90, 50, 120),
                "teal": (30, 110, 110), "navy": (25, 35, 95), "olive": (100, 100, 30)}
 MARKERS = {"red": (235, 20, 20), "green": (20, 220, 40), "blue": (40, 90, 255), "yellow": (245, 235, 20)}
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "diamond")
 SHAPE_RGB = (235, 235, 225)
-MARKER_PX = 14      # marker side in tile pixels
-MARKER_GAP = 28     # centre-to-centre vertical distance in tile pixels
-PAIR_SPACING = 18   # horizontal period of the repeated pairs, tile pixels
-ROW_PERIOD = 112    # vertical period of the rows of pairs (two 4x4-pooled cells: same phase)
-MAX_ROWS = 3
-MERGED_P = 0.5      # share of images whose pair sits inside one 56-px (4x4-pooled) cell
-TILE = 336
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+TILE = 336          # AnyRes tile side, px
+CELL = 56           # 4x4 patches: one token at granularity 36
+SLOT = 14           # one patch: one token at 576
+PITCH = 28          # slot lattice pitch inside a cluster (2 patches)
+CURRICULUM = (0, 1, 2, 3)   # 0 = the task itself; see sample()
+MIN_FILL = 0.6      # share of the marker half's whole cells that get a cluster
+DOTTED = 2          # clusters whose white-dot (black-dot) colour carries the dot
 
 COARSE = ("background", "shape", "side")
-FINE = ("upper", "lower", "where")
+FINE = ("white_dot", "black_dot")
 KINDS = COARSE + FINE
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "background": ("What colour is the background?", "What is the background colour?"),
     "shape": ("What shape is the large shape?", "What kind of shape is the big shape?"),
     "side": ("Which side is the large shape on?", "Is the big shape on the left or right?"),
-    "upper": ("What colour is the upper small marker?", "What colour is the top marker?"),
-    "lower": ("What colour is the lower small marker?", "What colour is the bottom marker?"),
-    "where": ("Is the {c} marker on top or bottom?", "Where is the small {c} marker?"),
+    "white_dot": ("What colour is the marker with a white dot?", "What colour is the white-dotted marker?"),
+    "black_dot": ("What colour is the marker with a black dot?", "What colour is the black-dotted marker?"),
 }
 
 
@@ -74,25 +74,22 @@ class Sample:
     image: Image.Image
     qas: tuple[QA, ...]          # one per kind, in KINDS order
     facts: dict[str, str]
+    clusters: tuple[tuple[float, float], ...] = ()   # top-left corner of each cluster's cell, image px
 
 
 def all_questions() -> list[str]:
     """Every question text the generator can produce (for the vocabulary)."""
-    out: list[str] = []
-    for kind, temps in TEMPLATES.items():
-        for t in temps:
-            out.extend({t.format(c=c) for c in MARKERS} if "{c}" in t else [t])
-    return out
+    return [t for temps in TEMPLATES.values() for t in temps]
 
 
 def all_answers() -> list[str]:
-    return sorted(set(BACKGROUNDS) | set(MARKERS) | set(SHAPES) | {"left", "right", "top", "bottom"})
+    return sorted(set(BACKGROUNDS) | set(MARKERS) | set(SHAPES) | {"left", "right"})
 
 
 def _rng(split: str, index: int) -> np.random.Generator:
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {sorted(SPLITS)}, got {split!r}")
-    return np.random.default_rng([20260, SPLITS[split], int(index)])
+    return np.random.default_rng([20263, SPLITS[split], int(index)])
 
 
 def _size(rng: np.random.Generator) -> tuple[tuple[int, int], float]:
@@ -105,15 +102,15 @@ def _size(rng: np.random.Generator) -> tuple[tuple[int, int], float]:
     return (w, h), min(bw / w, bh / h)
 
 
-def _padding(size: tuple[int, int], scale: float) -> tuple[float, float, int]:
-    """Left/top padding (tile pixels) of AnyRes's resize-and-pad, and the tile rows."""
+def _padding(size: tuple[int, int]) -> tuple[float, float]:
+    """Left/top padding (tile pixels) of AnyRes's resize-and-pad."""
     w, h = size
     pw, ph = select_best_resolution(size, PINPOINTS)
     if pw / w < ph / h:
         nw, nh = pw, min(math.ceil(h * pw / w), ph)
     else:
         nw, nh = min(math.ceil(w * ph / h), pw), ph
-    return (pw - nw) // 2, (ph - nh) // 2, ph // TILE
+    return (pw - nw) // 2, (ph - nh) // 2
 
 
 def _draw_shape(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float) -> None:
@@ -122,18 +119,46 @@ def _draw_shape(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: floa
         d.ellipse(box, fill=SHAPE_RGB)
     elif kind == "square":
         d.rectangle(box, fill=SHAPE_RGB)
-    else:
-        d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=SHAPE_RGB)
+    else:  # diamond: the square turned by 45 degrees (edges at 45 degrees, not 0 or 90)
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=SHAPE_RGB)
 
 
-def sample(split: str, index: int) -> Sample:
-    """The index-th image of a split with one question per kind (deterministic)."""
+def _marker(style: str, colour: tuple[int, int, int], bg: tuple[int, int, int]) -> list[tuple[tuple[int, int, int, int], tuple[int, int, int]]]:
+    """Rectangles (x0, y0, x1, y1 in slot pixels, end exclusive) drawn in order: a 14x14
+    tile of the colour (one whole patch when AnyRes puts it back at tile scale) with an
+    8x8 centre that is white, black, or the background (plain: a hole).  Every marker
+    holds 132 px of its colour."""
+    centre = {"white_dot": WHITE, "black_dot": BLACK}.get(style, bg)
+    return [((0, 0, SLOT, SLOT), colour), ((3, 3, 11, 11), centre)]
+
+
+def _draw_marker(d: ImageDraw.ImageDraw, style: str, colour: str, bg: str, sx: float, sy: float,
+                 pad_x: float, pad_y: float, scale: float) -> None:
+    """One marker whose slot's top-left is (sx, sy) in tile pixels, drawn in image pixels."""
+    for (a, b, c, e), rgb in _marker(style, MARKERS[colour], BACKGROUNDS[bg]):
+        box = ((sx + a - pad_x) / scale, (sy + b - pad_y) / scale,
+               (sx + c - pad_x) / scale - 1, (sy + e - pad_y) / scale - 1)
+        d.rectangle(tuple(round(v) for v in box), fill=rgb)
+
+
+def sample(split: str, index: int, curriculum: int = 0) -> Sample:
+    """The index-th image of a split with one question per kind (deterministic).
+
+    `curriculum` > 0 swaps the marker half for an easier training variant (background,
+    shape and colours stay): 1, a carpet of white-dotted (even index) or black-dotted
+    (odd index) tiles of the answer's colour (only that question is asked); 2, a checkerboard carpet of white-dotted and
+    black-dotted tiles; 3, the clusters with two white-dotted and two black-dotted
+    markers.  The carpets make the marker colours as easy to see as the background (a
+    gradient to start from); with four balanced colours in sparse clusters a uniform look
+    says nothing."""
+    if curriculum not in CURRICULUM:
+        raise ValueError(f"curriculum: expected one of {CURRICULUM}, got {curriculum!r}")
     rng = _rng(split, index)
     (w, h), scale = _size(rng)
     bg = str(rng.choice(list(BACKGROUNDS)))
     shape = str(rng.choice(SHAPES))
     side = str(rng.choice(["left", "right"]))
-    up, low = (str(c) for c in rng.choice(list(MARKERS), size=2, replace=False))
+    colours = [str(c) for c in rng.permutation(list(MARKERS))]   # white dot, black dot, plain, plain
     img = Image.new("RGB", (w, h), BACKGROUNDS[bg])
     d = ImageDraw.Draw(img)
     half = w / 2
@@ -142,50 +167,52 @@ def sample(split: str, index: int) -> Sample:
     cx = x0 + rng.uniform(r + 0.05 * half, half - r - 0.05 * half) if half > 2.1 * r else x0 + half / 2
     cy = rng.uniform(r + 0.05 * h, h - r - 0.05 * h)
     _draw_shape(d, shape, cx, cy, r)
-    # markers: a row of identical pairs in the other half, placed in AnyRes tile pixels
-    # (tile = scale * image + pad) and mapped back to image pixels
-    pad_x, pad_y, tiles_high = _padding((w, h), scale)
-    m = MARKER_PX
-    merged = bool(rng.random() < MERGED_P)
-    o = int(rng.integers(1, 16)) if merged else int(rng.integers(29, 44))   # top edge within a 56-px cell
-    top, bottom = pad_y + 8, pad_y + h * scale - 8                            # image rows, in tile pixels
-    slots = [56 * k + o for k in range(6 * tiles_high)
-             if (56 * k + o) // TILE == (56 * k + o + MARKER_GAP + m) // TILE    # pair inside one tile row
-             and top <= 56 * k + o and 56 * k + o + MARKER_GAP + m <= bottom]
-    first = int(rng.integers(2))                                              # rows every 112 px (2 cells)
-    rows = [y for y in slots if (y - slots[0]) % ROW_PERIOD == 56 * first % ROW_PERIOD] or slots[:1]
-    rows = rows[:MAX_ROWS]
-    hx0 = (half if side == "left" else 0.0) * scale + pad_x                   # marker half, tile px
-    hx1 = hx0 + half * scale
-    n = max(1, int((0.84 * (hx1 - hx0) - m) // PAIR_SPACING) + 1)
-    x_first = hx0 + rng.uniform(0.06, 0.16) * (hx1 - hx0)
-    for y_t in rows:                                                          # upper marker's top, tile px
-        for i in range(n):
-            x_t = x_first + i * PAIR_SPACING
-            for colour, yy in ((up, y_t), (low, y_t + MARKER_GAP)):
-                box = ((x_t - pad_x) / scale, (yy - pad_y) / scale, (x_t + m - pad_x) / scale, (yy + m - pad_y) / scale)
-                d.rectangle(tuple(round(v) for v in box), fill=MARKERS[colour])
-    named = str(rng.choice([up, low]))
+    # clusters: whole 56-px cells of the tile grid (tile px = scale * image px + padding)
+    # inside the other half, mapped back to image pixels
+    pad_x, pad_y = _padding((w, h))
+    hx0 = (half if side == "left" else 0.0) * scale + pad_x + 4                # marker half, tile px
+    hx1 = hx0 + half * scale - 8
+    y_lo, y_hi = pad_y + 4, pad_y + h * scale - 4
+    cells = [(cx_, cy_) for cy_ in range(0, 3 * TILE + 1, CELL) for cx_ in range(0, 3 * TILE + 1, CELL)
+             if hx0 <= cx_ and cx_ + CELL <= hx1 and y_lo <= cy_ and cy_ + CELL <= y_hi]
+    n = max(1, int(round(len(cells) * rng.uniform(MIN_FILL, 1.0))))
+    chosen = sorted(int(i) for i in rng.choice(len(cells), size=n, replace=False))
+    white_at = {int(i) for i in rng.choice(n, size=min(DOTTED, n), replace=False)}   # clusters with a dot
+    black_at = {int(i) for i in rng.choice(n, size=min(DOTTED, n), replace=False)}
+    corners = []
+    for k, ci in enumerate(chosen):
+        cx_t, cy_t = cells[ci]
+        oy, ox = (int(v) for v in rng.integers(0, 2, size=2))                 # lattice offset: patches 0/1
+        slots = rng.permutation(4)
+        if curriculum in (1, 2):
+            continue
+        styles = ("white_dot" if k in white_at or curriculum == 3 else "plain",
+                  "black_dot" if k in black_at or curriculum == 3 else "plain", "plain", "plain")
+        palette = colours
+        for style, colour, slot in zip(styles, palette, slots):
+            sx = cx_t + (ox + 2 * (slot % 2)) * SLOT                            # slot's top-left, tile px
+            sy = cy_t + (oy + 2 * (slot // 2)) * SLOT
+            _draw_marker(d, style, colour, bg, sx, sy, pad_x, pad_y, scale)
+        corners.append(((cx_t - pad_x) / scale, (cy_t - pad_y) / scale))
+    if curriculum in (1, 2):   # carpet: every whole patch of the marker half
+        for sy in range(0, 3 * TILE, SLOT):
+            for sx in range(0, 3 * TILE, SLOT):
+                if hx0 <= sx and sx + SLOT <= hx1 and y_lo <= sy and sy + SLOT <= y_hi:
+                    first = (index % 2 == 0) if curriculum == 1 else (sx + sy) // SLOT % 2 == 0
+                    _draw_marker(d, "white_dot" if first else "black_dot", colours[0] if first else colours[1],
+                                 bg, sx, sy, pad_x, pad_y, scale)
     t = [int(rng.integers(2)) for _ in KINDS]
-    answers = {"background": bg, "shape": shape, "side": side, "upper": up, "lower": low,
-               "where": "top" if named == up else "bottom"}
-    qas = tuple(QA(k, TEMPLATES[k][t[i]].format(c=named), answers[k]) for i, k in enumerate(KINDS))
-    facts = dict(answers, named=named, size=f"{w}x{h}")
-    return Sample(img, qas, facts)
+    answers = {"background": bg, "shape": shape, "side": side, "white_dot": colours[0], "black_dot": colours[1]}
+    if curriculum == 1:   # one carpet, one dot: white on even indices, black on odd
+        del answers["black_dot" if index % 2 == 0 else "white_dot"]
+    qas = tuple(QA(k, TEMPLATES[k][t[i]], answers[k]) for i, k in enumerate(KINDS) if k in answers)
+    facts = dict(answers, size=f"{w}x{h}", clusters=str(n))
+    return Sample(img, qas, facts, tuple(corners))
 
 
 def training_qas(s: Sample) -> list[QA]:
     """Every phrasing of every question about a sample (more supervision per image)."""
-    f = s.facts
-    out = []
-    for kind in KINDS:
-        for t in TEMPLATES[kind]:
-            if kind == "where":
-                for c in (f["upper"], f["lower"]):
-                    out.append(QA(kind, t.format(c=c), "top" if c == f["upper"] else "bottom"))
-            else:
-                out.append(QA(kind, t, f[kind]))
-    return out
+    return [QA(kind, t, s.facts[kind]) for kind in KINDS if kind in s.facts for t in TEMPLATES[kind]]
 
 
 def normalize(text: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from avg_edge.model.demo.core import Answer, answer_all
-from avg_edge.model.demo.data import KINDS, sample
+from avg_edge.model.demo.data import COARSE, FINE, KINDS, sample
 from avg_edge.model.llava import AvgLlavaModel
 from avg_edge.runtime.tokenizer import Tokenizer
 
@@ -26,8 +26,8 @@ def summarize(answers: list[Answer]) -> dict[str, dict[str, float]]:
     for setting, rows in groups.items():
         acc = lambda rs: 100.0 * sum(r.correct for r in rs) / max(1, len(rs))  # noqa: E731
         d = {k: acc([r for r in rows if r.kind == k]) for k in KINDS}
-        d["coarse"] = acc([r for r in rows if r.kind in KINDS[:3]])
-        d["fine"] = acc([r for r in rows if r.kind in KINDS[3:]])
+        d["coarse"] = acc([r for r in rows if r.kind in COARSE])
+        d["fine"] = acc([r for r in rows if r.kind in FINE])
         d["all"] = acc(rows)
         d["tokens"] = sum(r.visual_tokens for r in rows) / len(rows)
         d["seconds"] = sum(r.seconds for r in rows) / len(rows)
