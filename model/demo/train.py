@@ -3,12 +3,13 @@
     python -m avg_edge.model.demo.train --out runs/demo [--resume]
 
 1. projector, image_newline and decoder, one fresh image per step at a granularity cycled
-   from --stage1-granularities (default mostly 72/144, every fifth image 576: with ~200
-   visual tokens instead of ~2000 the decoder learns to find the small markers; trained
-   at 576 only, v1 stayed at chance on every marker question).  The vision tower keeps
-   its designed initialisation: colour/layout patch filters and 2-D sine positions;
-   training it from scratch at one image per step stalled every question but the
-   background, so it is only trained with --train-tower;
+   from --stage1-granularities (default 144, 144, 576: with ~500 visual tokens instead of
+   ~2000 the decoder learns to find the small markers sooner; every marker still has a
+   token of its own at 144).  Over the first --curriculum share of the stage some images
+   show easier marker layouts (see curriculum_level).  The vision tower keeps
+   its designed initialisation (colour/layout patch filters and 2-D sine positions)
+   unless --tower-lr is given: trained from scratch at one image per step it stalled
+   every question but the background;
 2. multi-granularity tuning: loss = mean of the five granularities' losses, tower frozen
    (its outputs are cached per training image);
 3. RGLF: router only; per sample the answer NLL at each granularity ranks them.
@@ -78,6 +79,19 @@ def colour_patches(model: AvgLlavaModel, scale: float = 1.0) -> None:
                 conv.weight[3 * r + c, c, y0:y1, x0:x1] = scale / ((y1 - y0) * (x1 - x0))
 
 
+def curriculum_level(idx: int, progress: float, until: float) -> int:
+    """data.sample's curriculum level for a stage-1 image: over the first `until` of the
+    stage, carpets (1, 2) then two-colour clusters (3) mixed with the task (0), so
+    reading marker colours is learnt before binding them to the dots; then the task."""
+    if progress < 0.3 * until:
+        return (1, 2, 0)[idx % 3]
+    if progress < 0.7 * until:
+        return (2, 3, 0)[idx % 3]
+    if progress < until:
+        return (3, 0)[idx % 2]
+    return 0
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -85,17 +99,24 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def trainable(model: AvgLlavaModel, stage: str, train_tower: bool = False) -> list[torch.nn.Parameter]:
+def trainable(model: AvgLlavaModel, stage: str, tower_lr: float = 0.0) -> list[dict]:
+    """Optimizer parameter groups of a stage.  Stage 1 trains the vision tower only when
+    tower_lr > 0, in its own group at tower_lr x the stage's learning rate."""
+    groups: dict[str, list[torch.nn.Parameter]] = {"main": [], "tower": []}
     for name, p in model.named_parameters():
-        if stage == "stage1" and train_tower:
-            p.requires_grad_(not name.startswith("router."))
-        elif stage == "stage1":  # tower kept at its designed initialisation (see --train-tower)
-            p.requires_grad_(not name.startswith(("router.", "vision_tower.")))
-        elif stage == "stage2":
-            p.requires_grad_(not name.startswith(("router.", "vision_tower.")))
+        if stage == "stage3":
+            use, group = name.startswith("router."), "main"
+        elif name.startswith("vision_tower."):
+            use, group = stage == "stage1" and tower_lr > 0, "tower"
         else:
-            p.requires_grad_(name.startswith("router."))
-    return [p for p in model.parameters() if p.requires_grad]
+            use, group = not name.startswith("router."), "main"
+        p.requires_grad_(use)
+        if use:
+            groups[group].append(p)
+    out = [{"params": groups["main"], "mult": 1.0}]
+    if groups["tower"]:
+        out.append({"params": groups["tower"], "mult": tower_lr})
+    return out
 
 
 # -- state files ------------------------------------------------------------------
@@ -128,6 +149,7 @@ class Trainer:
         self.args, self.model, self.tok = args, model, tok
         self.tower: dict[int, tuple] = {}   # image index -> (preprocessed, tower features)
         self.nll: dict[int, torch.Tensor] = {}  # image index -> [questions, G] (stage 3)
+        self.progress = 0.0                     # share of the current stage done
         self.log_file = open(Path(args.out) / "log.jsonl", "a")
 
     def log(self, record: dict) -> None:
@@ -144,8 +166,8 @@ class Trainer:
         return self.tower[idx]
 
     def stage1(self, idx: int) -> torch.Tensor:
-        s = sample("train", idx)
-        with torch.set_grad_enabled(self.args.train_tower):
+        s = sample("train", idx, curriculum_level(idx, self.progress, self.args.curriculum))
+        with torch.set_grad_enabled(self.args.tower_lr > 0):
             pre, feats = encode_image(self.model, s.image)                   # [crops, 576, Dv]
         gs = self.args.stage1_granularities
         g = gs[idx % len(gs)]  # few-token granularities teach the decoder where to look, cheaply
@@ -184,8 +206,9 @@ def run_stage(tr: Trainer, stage: str, steps: int, pool: int, lr: float, start: 
     ema = None
     for step in range(start, steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
+            group["lr"] = lr_at(step, steps, lr) * group["mult"]
         idx = int(order[step % n])
+        tr.progress = step / steps
         opt.zero_grad(set_to_none=True)
         accum = args.accum if stage == "stage1" else 1
         total = 0.0
@@ -214,12 +237,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pool", type=int, nargs=2, default=[300, 150], metavar=("P2", "P3"),
                     help="train images cycled in stages 2 and 3 (tower outputs cached)")
     ap.add_argument("--lr", type=float, nargs=3, default=[1e-3, 5e-4, 1e-3])
-    ap.add_argument("--train-tower", action="store_true",
-                    help="also train the vision tower in stage 1 (from scratch at batch 1 this stalled every "
-                         "question but the background; by default it keeps its colour/position initialisation)")
-    ap.add_argument("--stage1-granularities", type=int, nargs="+", default=[72, 144, 72, 144, 576], metavar="G",
-                    help="granularities cycled over stage-1 images (v2: mostly 72/144: with ~200 visual tokens "
-                         "instead of ~2000 the decoder learns to attend to the small markers)")
+    ap.add_argument("--tower-lr", type=float, default=0.0, metavar="MULT",
+                    help="train the vision tower in stage 1 at MULT x the learning rate (default 0: it keeps its "
+                         "designed initialisation; trained from scratch at batch 1 it stalled every question but "
+                         "the background)")
+    ap.add_argument("--stage1-granularities", type=int, nargs="+", default=[144, 144, 576], metavar="G",
+                    help="granularities cycled over stage-1 images (mostly 144: fewer visual tokens, and every "
+                         "marker keeps a token of its own)")
+    ap.add_argument("--curriculum", type=float, default=0.5, metavar="SHARE",
+                    help="share of stage 1 that also shows easier marker layouts (see curriculum_level)")
     ap.add_argument("--accum", type=int, default=1, help="images per stage-1 step")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--val", type=int, default=20, help="validation images checked after each stage")
@@ -243,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     for si, stage in enumerate(STAGES):
         steps = args.steps[si]
         start = 0
-        params = trainable(model, stage, args.train_tower)
+        params = trainable(model, stage, args.tower_lr)
         opt = torch.optim.AdamW(params, lr=args.lr[si], weight_decay=0.0)
         if progress is not None:
             done = STAGES.index(progress["stage"])
