@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     answers = collect(model, model.tokenizer, args.split, images)
     table = summarize(answers)
     n_questions = images * len(KINDS)
-    text = markdown(table, n_questions, args.checkpoint, args.split)
+    shown = Path(args.checkpoint).resolve()
+    root = DEFAULT_CKPT.parents[2]
+    text = markdown(table, n_questions, str(shown.relative_to(root)) if shown.is_relative_to(root) else args.checkpoint, args.split)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_eval.md").write_text(text)
