@@ -21,15 +21,18 @@ test: $(VENV)/.installed
 DEMO_BUILD := builds/avg-edge-demo
 
 # Build the bundled demo model once (fp32, ONNX Runtime), then ask one coarse and one
-# fine question; -v prints the chosen granularity and visual tokens vs 576 to stderr.
+# fine question (the fine one again at fixed 576); -v prints the chosen granularity and
+# visual tokens vs 576 to stderr.
 $(DEMO_BUILD)/manifest.json: $(VENV)/.installed $(wildcard model/demo/checkpoint/*)
 	$(VENV)/bin/avg-export build --force
 
 demo: $(DEMO_BUILD)/manifest.json
 	@echo; echo '$$ avg-run examples/demo-1.png "What colour is the background?" -v'
 	@$(VENV)/bin/avg-run examples/demo-1.png "What colour is the background?" -v
-	@echo; echo '$$ avg-run examples/demo-2.png "What colour is the upper small marker?" -v'
-	@$(VENV)/bin/avg-run examples/demo-2.png "What colour is the upper small marker?" -v
+	@echo; echo '$$ avg-run examples/demo-2.png "What colour is the marker with a white dot?" -v'
+	@$(VENV)/bin/avg-run examples/demo-2.png "What colour is the marker with a white dot?" -v
+	@echo; echo '$$ avg-run examples/demo-2.png "What colour is the marker with a white dot?" -g 576 -v'
+	@$(VENV)/bin/avg-run examples/demo-2.png "What colour is the marker with a white dot?" -g 576 -v
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_runtime.py
