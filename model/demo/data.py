@@ -123,19 +123,14 @@ def _draw_shape(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: floa
         d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=SHAPE_RGB)
 
 
-def _marker(style: str, colour: tuple[int, int, int], bg: tuple[int, int, int]) -> list[tuple[tuple[int, int, int, int], tuple[int, int, int]]]:
-    """Rectangles (x0, y0, x1, y1 in slot pixels, end exclusive) drawn in order: a 14x14
-    tile of the colour (one whole patch when AnyRes puts it back at tile scale) with an
-    8x8 centre that is white, black, or the background (plain: a hole).  Every marker
-    holds 132 px of its colour."""
-    centre = {"white_dot": WHITE, "black_dot": BLACK}.get(style, bg)
-    return [((0, 0, SLOT, SLOT), colour), ((3, 3, 11, 11), centre)]
-
-
 def _draw_marker(d: ImageDraw.ImageDraw, style: str, colour: str, bg: str, sx: float, sy: float,
                  pad_x: float, pad_y: float, scale: float) -> None:
-    """One marker whose slot's top-left is (sx, sy) in tile pixels, drawn in image pixels."""
-    for (a, b, c, e), rgb in _marker(style, MARKERS[colour], BACKGROUNDS[bg]):
+    """One marker whose slot's top-left is (sx, sy) in tile pixels, drawn in image pixels:
+    a 14x14 tile of the colour (one whole patch when AnyRes puts it back at tile scale)
+    with an 8x8 centre that is white, black, or the background (plain: a hole).  Every
+    marker holds 132 px of its colour."""
+    centre = {"white_dot": WHITE, "black_dot": BLACK}.get(style, BACKGROUNDS[bg])
+    for (a, b, c, e), rgb in (((0, 0, SLOT, SLOT), MARKERS[colour]), ((3, 3, 11, 11), centre)):
         box = ((sx + a - pad_x) / scale, (sy + b - pad_y) / scale,
                (sx + c - pad_x) / scale - 1, (sy + e - pad_y) / scale - 1)
         d.rectangle(tuple(round(v) for v in box), fill=rgb)
@@ -146,9 +141,9 @@ def sample(split: str, index: int, curriculum: int = 0) -> Sample:
 
     `curriculum` > 0 swaps the marker half for an easier training variant (background,
     shape and colours stay): 1, a carpet of white-dotted (even index) or black-dotted
-    (odd index) tiles of the answer's colour (only that question is asked); 2, a checkerboard carpet of white-dotted and
-    black-dotted tiles; 3, the clusters with two white-dotted and two black-dotted
-    markers.  The carpets make the marker colours as easy to see as the background (a
+    (odd index) tiles of the answer's colour (only that question is asked); 2, a
+    checkerboard carpet of white-dotted and black-dotted tiles; 3, the clusters with a
+    dot in every cluster.  The carpets make the marker colours as easy to see as the background (a
     gradient to start from); with four balanced colours in sparse clusters a uniform look
     says nothing."""
     if curriculum not in CURRICULUM:
@@ -188,10 +183,9 @@ def sample(split: str, index: int, curriculum: int = 0) -> Sample:
             continue
         styles = ("white_dot" if k in white_at or curriculum == 3 else "plain",
                   "black_dot" if k in black_at or curriculum == 3 else "plain", "plain", "plain")
-        palette = colours
-        for style, colour, slot in zip(styles, palette, slots):
-            sx = cx_t + (ox + 2 * (slot % 2)) * SLOT                            # slot's top-left, tile px
-            sy = cy_t + (oy + 2 * (slot // 2)) * SLOT
+        for style, colour, slot in zip(styles, colours, slots):
+            sx = cx_t + ox * SLOT + slot % 2 * PITCH                            # slot's top-left, tile px
+            sy = cy_t + oy * SLOT + slot // 2 * PITCH
             _draw_marker(d, style, colour, bg, sx, sy, pad_x, pad_y, scale)
         corners.append(((cx_t - pad_x) / scale, (cy_t - pad_y) / scale))
     if curriculum in (1, 2):   # carpet: every whole patch of the marker half
