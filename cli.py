@@ -1,11 +1,13 @@
 """Command-line front ends (thin: parse, call the library, print).
 
-`avg-export build|inspect` needs the `export` extra; exit codes: 0 ok, 1 the job
-failed, 2 usage error.  Errors print one line to stderr, no traceback.
+`avg-export build|realign` needs the `export` extra, `avg-serve` the `serve` extra.
+Every error prints one line to stderr, no traceback, and exits with its category's code
+from avg_edge.errors.CATEGORIES (0 ok, 1 the job failed, 2 usage error, 130 interrupted).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from functools import wraps
@@ -16,10 +18,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from avg_edge.errors import AvgEdgeError, UsageError
+from avg_edge.errors import MissingExtra, UsageError, category_of, one_line
 
 DEFAULT_BUILD_DIR = Path("builds/avg-edge-demo")
-DEMO_CHECKPOINT = Path(__file__).resolve().parent / "model" / "demo" / "checkpoint"
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -29,32 +30,36 @@ export_app = typer.Typer(name="avg-export", help="Export AVG-LLaVA to ONNX (and 
 
 
 def _exits(fn):
-    """Map our errors to exit codes: usage 2, everything else we raise 1."""
+    """Every error: one line on stderr and its category's exit code."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UsageError as e:
-            err.print(f"error: {e}", markup=False)
-            raise typer.Exit(2)
-        except AvgEdgeError as e:
-            err.print(f"error: {e}", markup=False)
-            raise typer.Exit(1)
-        except KeyboardInterrupt:
-            err.print("interrupted", markup=False)
-            raise typer.Exit(130)
-        except BrokenPipeError:
-            raise typer.Exit(1)   # stdout closed by the reader (e.g. | head): nothing to say
         except typer.Exit:
             raise
-        except Exception as e:  # noqa: BLE001 - a bug or a library's own error: one line, not a traceback
-            err.print(f"error: internal: {type(e).__name__}: {e} (please report; AVG_EDGE_TRACEBACK=1 shows where)", markup=False)
-            if os.environ.get("AVG_EDGE_TRACEBACK"):
+        except BrokenPipeError:
+            raise typer.Exit(1)   # stdout closed by the reader (e.g. | head): nothing to say
+        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - ours by category, anyone else's as internal
+            category = category_of(e)
+            err.print(f"error: {one_line(e)}", markup=False)
+            if category.name == "internal" and os.environ.get("AVG_EDGE_TRACEBACK"):
                 raise
-            raise typer.Exit(1)
+            raise typer.Exit(category.exit_code)
 
     return wrapper
+
+
+def require(module: str, extra: str, what: str) -> None:
+    """A usage error naming the extra when an optional dependency is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtra(what, extra, module)
+
+
+def demo_checkpoint() -> Path:
+    from avg_edge.model.demo import CHECKPOINT
+
+    return CHECKPOINT
 
 
 def _human(n: float) -> str:
@@ -70,11 +75,11 @@ def _human(n: float) -> str:
 def build_cmd(
     model: Optional[Path] = typer.Option(None, "-m", "--model", help="Checkpoint folder (default: the bundled demo model)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help=f"Build folder (default: {DEFAULT_BUILD_DIR} for the demo, builds/<model>-<precision> otherwise)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16, int8 (Q/DQ, calibrated) or int4 (decoder weights)."),
-    backend: str = typer.Option("auto", "--backend", help="auto: engines when TensorRT and a GPU exist; onnx: ONNX only; trt: engines or fail."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16, int8 or int4 (see README: precisions)."),
+    backend: str = typer.Option("auto", "--backend", help="auto: engines when TensorRT and a GPU exist; ort: ONNX only; trt: engines or fail."),
     max_crops: Optional[int] = typer.Option(None, "--max-crops", help="Most crops per image the build accepts (default: the pinpoints' most)."),
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Decoder context (default: the model's)."),
-    opset: int = typer.Option(18, "--opset", help="ONNX opset (TensorRT 10.3 parses 9..20)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the precision's; TensorRT 10.3 parses 9..20)."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the check against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Replace an existing build folder."),
     calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="int8/int4: .jsonl or folder of image+question pairs (default: the demo's calib split)."),
@@ -86,19 +91,23 @@ def build_cmd(
     int4_block: int = typer.Option(32, "--int4-block-size", help="int4: weights per scale."),
 ) -> None:
     """Export the vision+scaler, router and decoder graphs, validate them, build engines."""
-    from avg_edge.export.build import QUANTIZED, BuildOptions, build
+    from avg_edge.precision import precision as precision_info
+
+    p = precision_info(precision)
+    require("torch", "export", "avg-export build")
+    from avg_edge.export.exporter import BuildOptions, build
 
     if model is None:
-        if not (DEMO_CHECKPOINT / "config.json").is_file():
-            raise UsageError(f"no -m given and the bundled demo model is missing at {DEMO_CHECKPOINT}")
-        model = DEMO_CHECKPOINT
+        model = demo_checkpoint()
+        if not (model / "config.json").is_file():
+            raise UsageError(f"no -m given and the bundled demo model is missing at {model}")
         output = output or DEFAULT_BUILD_DIR
     output = output or Path("builds") / f"{model.resolve().name}-{precision}"
     opts = BuildOptions(model=model, output=output, precision=precision, backend=backend, max_crops=max_crops,
                         max_context=max_context, opset=opset, validate=not no_validate, force=force)
     say = lambda line: err.print(line, markup=False)  # noqa: E731
-    if precision in QUANTIZED:
-        from avg_edge.calibration.build import QuantOptions, build_quantized
+    if p.quantizer is not None:
+        from avg_edge.calibration.quantized_build import QuantOptions, build_quantized
 
         q = QuantOptions(calib_data=calib_data, calib_samples=calib_samples, eval_data=eval_data, eval_samples=eval_samples,
                          max_accuracy_drop=max_accuracy_drop, accept_drift=accept_drift, block_size=int4_block)
@@ -126,6 +135,7 @@ def realign_cmd(
     lr: float = typer.Option(3e-4, "--lr"),
 ) -> None:
     """Retrain only the router against the build's own decoder (RGLF) and re-export router.onnx."""
+    require("torch", "export", "avg-export realign")
     from avg_edge.calibration.realign import RealignOptions, realign
 
     if not build_dir.is_dir():
@@ -139,13 +149,13 @@ def realign_cmd(
 def inspect_cmd(build_dir: Path = typer.Argument(..., help="A build folder."),
                 verify: bool = typer.Option(False, "--verify", help="Check every file's sha256.")) -> None:
     """Print the manifest and each graph's I/O table."""
-    from avg_edge.export.manifest import load_manifest
+    from avg_edge.manifest import load_manifest
 
     m = load_manifest(build_dir, verify=verify)
     out.print(f"build {build_dir}: format {m.format_version}, {m.precision}, opset {m.opset}, "
               f"context {m.context_length}, router: {'yes' if m.has_router else 'no'}")
     out.print(f"granularities {m.granularities}; crop {m.crop_size}; pinpoints {m.pinpoints}")
-    out.print(f"tokens: bos {m.bos_token_id}, eos {m.eos_token_id}; template {m.chat_template.get('name')}")
+    out.print(f"tokens: bos {m.bos_token_id}, eos {m.eos_token_id}; chat template {m.chat_template.get('name')}")
     for name in m.graphs:
         spec = m.spec(name)
         v = m.validation.get(name, {})
@@ -178,8 +188,6 @@ def inspect_cmd(build_dir: Path = typer.Argument(..., help="A build folder."),
 run_app = typer.Typer(name="avg-run", add_completion=False, pretty_exceptions_enable=False,
                       help="Answer a question about an image with a build folder (no torch needed).")
 
-GRANULARITY_HELP = "auto (the router chooses) or a token count per crop: 36, 72, 144, 288, 576."
-
 
 @run_app.command()
 @_exits
@@ -187,7 +195,9 @@ def run_cmd(
     image: str = typer.Argument(..., help="Image file (PNG, JPEG, WebP, GIF, BMP, TIFF), or - for standard input."),
     question: str = typer.Argument(..., help="The question."),
     model: Path = typer.Option(DEFAULT_BUILD_DIR, "-m", "--model", help="Build folder made by avg-export build."),
-    granularity: str = typer.Option("auto", "--granularity", "-g", help=GRANULARITY_HELP),
+    granularity: str = typer.Option("auto", "--granularity", "-g",
+                                    help="auto (the router chooses) or one of the build's granularities, in visual "
+                                         "tokens per crop (avg-export inspect lists them; AVG-LLaVA: 36 72 144 288 576)."),
     backend: str = typer.Option("auto", "--backend", help="auto (TensorRT engines if usable, else ONNX Runtime), ort or trt."),
     max_tokens: int = typer.Option(256, "-n", "--max-tokens", help="Most tokens to generate."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 = greedy."),
@@ -201,35 +211,45 @@ def run_cmd(
     """Stream the answer to stdout; exit 0 ok, 1 runtime error, 2 usage error."""
     import json
 
-    from avg_edge.runtime.pipeline import BACKENDS, Pipeline
+    from avg_edge.runtime.backends import check_backend
+    from avg_edge.runtime.pipeline import Pipeline
+    from avg_edge.runtime.sampling import SamplingParams
 
     if image != "-" and not Path(image).exists():
         raise UsageError(f"image file not found: {image}")
     if not question.strip():
         raise UsageError("question: expected some text, got an empty question")
-    if granularity != "auto" and granularity not in ("36", "72", "144", "288", "576"):
-        raise UsageError(f"--granularity: expected auto, 36, 72, 144, 288 or 576, got {granularity!r}")
-    if backend not in BACKENDS:
-        raise UsageError(f"--backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    check_backend(backend, "--backend")
+    SamplingParams(temp, top_k, top_p, seed)
     if max_tokens < 1:
         raise UsageError(f"--max-tokens: expected a positive integer, got {max_tokens}")
     if not model.is_dir():
         hint = "make it with: make demo (or avg-export build)" if model == DEFAULT_BUILD_DIR else "pass -m BUILD_DIR"
         raise UsageError(f"build folder not found: {model} ({hint})")
     source = sys.stdin.buffer.read() if image == "-" else image
-    pipe = Pipeline.load(model, backend=backend, verify=verify)
-    on_text = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-    result = pipe.generate(source, question, granularity=None if granularity == "auto" else int(granularity),
-                           max_new_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
-                           on_text=on_text)
-    if as_json:
-        d = {"answer": result.text, **result.to_dict(), "backend": pipe.describe_backend()}
-        del d["text"]
-        sys.stdout.write(json.dumps(d) + "\n")
-    else:
-        sys.stdout.write("\n")
-    if verbose:
-        err.print(timing_summary(result, pipe.granularities, pipe.describe_backend()), markup=False)
+    with Pipeline.load(model, backend=backend, verify=verify) as pipe:
+        gran = _granularity_option(granularity, pipe.granularities)
+        on_text = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        result = pipe.generate(source, question, granularity=gran, max_new_tokens=max_tokens, temperature=temp,
+                               top_k=top_k, top_p=top_p, seed=seed, on_text=on_text)
+        if as_json:
+            d = {"answer": result.text, **result.to_dict(), "backend": pipe.describe_backend()}
+            del d["text"]
+            sys.stdout.write(json.dumps(d) + "\n")
+        else:
+            sys.stdout.write("\n")
+        if verbose:
+            err.print(timing_summary(result, pipe.granularities, pipe.describe_backend()), markup=False)
+
+
+def _granularity_option(value: str, granularities: list[int]) -> int | None:
+    """-g: auto or one of the build's granularities (from its manifest)."""
+    if value == "auto":
+        return None
+    if value.strip().isdigit() and int(value) in granularities:
+        return int(value)
+    raise UsageError(f"--granularity: expected auto or one of this build's granularities "
+                     f"{', '.join(map(str, granularities))}; got {value!r}")
 
 
 def timing_summary(r, granularities: list[int], backend: str) -> str:
@@ -272,6 +292,8 @@ def serve_cmd(
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs."),
 ) -> None:
     """Serve POST /v1/chat/completions, GET /v1/models and GET /health."""
+    require("uvicorn", "serve", "avg-serve")
+    require("starlette", "serve", "avg-serve")
     import uvicorn
 
     from avg_edge.runtime.pipeline import Pipeline

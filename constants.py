@@ -1,4 +1,4 @@
-"""Names that several layers agree on: files, axes, graph tensors, chat template.
+"""Names that several layers agree on: files, axes, graph tensors, the default system prompt.
 
 Torch-free: the runtime imports this module.
 """
@@ -27,7 +27,6 @@ VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-VICUNA_V1_TEMPLATE = VICUNA_V1_SYSTEM + " USER: " + IMAGE_PLACEHOLDER + "\n{question} ASSISTANT:"
 
 # --- graph axes and tensor names (export specs and runtime checks use these) ----
 AXIS_CROPS = "crops"
@@ -40,7 +39,7 @@ AXIS_LOGITS = "n_logits"
 
 # --- build folder ----------------------------------------------------------------
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2          # 2: tensor roles in the specs, a structured chat template
 EMBED_TABLE_FILE = "embed_tokens.npy"
 IMAGE_NEWLINE_FILE = "image_newline.npy"
 TIMING_CACHE_FILE = "timing.cache"

@@ -37,8 +37,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
 
-    from avg_edge.export.build import BuildOptions, build
-    from avg_edge.export.specs import make_feeds
+    from avg_edge.export.exporter import BuildOptions, build
+    from avg_edge.specs import make_feeds
     from avg_edge.export.validate import ort_session
     from avg_edge.model.tiny import make_tiny_checkpoint
 
@@ -52,7 +52,7 @@ def main() -> None:
             out = work / f"{precision}-{opset}"
             t0 = time.perf_counter()
             res = build(BuildOptions(model=model, output=out, precision=precision, opset=opset,
-                                     max_context=args.max_context, validate=False, backend="onnx"),
+                                     max_context=args.max_context, validate=False, backend="ort"),
                         progress=lambda s: None)
             seconds = time.perf_counter() - t0
             sizes = {r.graph: f"{r.bytes / 1024:.0f} KB" for r in res.rows}

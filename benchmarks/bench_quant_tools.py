@@ -52,8 +52,8 @@ def main() -> None:
     import onnxruntime as ort
 
     from avg_edge.calibration.quantize import quantize_int4, quantize_int8
-    from avg_edge.export.build import BuildOptions, build
-    from avg_edge.export.specs import make_feeds
+    from avg_edge.export.exporter import BuildOptions, build
+    from avg_edge.specs import make_feeds
     from avg_edge.model.tiny import make_tiny_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="avg-bench-q-"))
@@ -62,7 +62,7 @@ def main() -> None:
     # int4 from an opset-21 export (blocked DequantizeLinear needs 21): the same weights.
     for opset in (18, 21):
         res = build(BuildOptions(model=ckpt, output=work / f"b{opset}", opset=opset, max_context=512,
-                                 validate=False, backend="onnx"), progress=lambda s: None)
+                                 validate=False, backend="ort"), progress=lambda s: None)
     src, src21 = work / "b18" / "decoder.onnx", work / "b21" / "decoder.onnx"
     spec = res.manifest.spec("decoder")
     rng = np.random.default_rng(0)

@@ -51,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from avg_edge.cli import DEMO_CHECKPOINT
-    from avg_edge.export.build import BuildOptions, build
+    from avg_edge.export.exporter import BuildOptions, build
     from avg_edge.model import load_model
     from avg_edge.model.tiny import make_tiny_checkpoint
     from avg_edge.runtime.pipeline import Pipeline
@@ -62,7 +62,7 @@ def main() -> None:
     ckpt = args.model or (DEMO_CHECKPOINT if use_demo else make_tiny_checkpoint(work / "tiny"))
     build_dir = args.build or work / "build"
     if not (build_dir / "manifest.json").is_file():
-        build(BuildOptions(model=ckpt, output=build_dir, validate=False, backend="onnx"), progress=lambda s: None)
+        build(BuildOptions(model=ckpt, output=build_dir, validate=False, backend="ort"), progress=lambda s: None)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(ckpt)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from avg_edge.model.checkpoint import load_model
 from avg_edge.model.demo.data import KINDS
-from avg_edge.model.demo.validate import collect, summarize
+from avg_edge.model.demo.evaluate import collect, summarize
 
 DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "model" / "demo" / "checkpoint"
 COLUMNS = (*KINDS, "coarse", "fine", "all")

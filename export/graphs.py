@@ -2,7 +2,8 @@
 
 They reuse the reference's submodules (same weights, same code where the reference's
 code exports); the decoder runs the Llama layers with explicit past/present tensors
-instead of transformers' cache objects, and computes logits only at `logit_positions`.
+instead of transformers' cache objects, computes logits only at `logit_positions`, and
+finds each of its inputs and outputs by role (specs.DecoderRoles), not by position.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from avg_edge import specs as S
 from avg_edge.model.llava import AvgLlavaModel
 
 
@@ -46,14 +48,15 @@ class RouterGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """One Llama step over `seq` new positions with an explicit KV cache.
+    """One Llama step over `seq` new positions with an explicit KV cache.  Inputs and
+    outputs in the spec's order, found by role:
 
     inputs_embeds [1, seq, D], attention_mask [1, past + seq], position_ids [1, seq],
-    logit_positions [K], then past key/value [1, kv_heads, past, head_dim] per layer
-    -> logits [1, K, vocab] (float32), then present key/value [1, kv_heads, past + seq, head_dim].
+    logit_positions [K], past key/value [1, kv_heads, past, head_dim] of each layer
+    -> logits [1, K, vocab] (float32), present key/value [1, kv_heads, past + seq, head_dim].
     """
 
-    def __init__(self, model: AvgLlavaModel) -> None:
+    def __init__(self, model: AvgLlavaModel, spec: S.GraphSpec) -> None:
         super().__init__()
         lm = model.language_model
         self.layers = lm.model.layers
@@ -62,6 +65,8 @@ class DecoderGraph(nn.Module):
         self.lm_head = lm.lm_head
         t = model.config.text
         self.n_heads, self.n_kv, self.head_dim = t.num_attention_heads, t.num_key_value_heads, t.head_dim
+        self.spec = spec
+        self.roles = S.DecoderRoles(spec)
 
     def _attend(self, layer, h: torch.Tensor, cos, sin, past_k, past_v, allowed):
         attn = layer.self_attn
@@ -81,7 +86,11 @@ class DecoderGraph(nn.Module):
         out = (probs @ vv).transpose(1, 2).reshape(b, s, -1)                          # [1, s, H*hd]
         return attn.o_proj(out), k, v
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, logit_positions, *past):
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = dict(zip(self.spec.input_names, inputs))
+        r = self.roles
+        inputs_embeds, attention_mask = x[r.name(S.INPUTS_EMBEDS)], x[r.name(S.ATTENTION_MASK)]
+        position_ids, logit_positions = x[r.name(S.POSITION_IDS)], x[r.name(S.LOGIT_POSITIONS)]
         s = inputs_embeds.shape[1]
         t = attention_mask.shape[1]
         past_len = t - s
@@ -91,15 +100,27 @@ class DecoderGraph(nn.Module):
         allowed = (causal[None, None] & (attention_mask[:, None, None, :] > 0))      # [1, 1, s, t]
         cos, sin = self.rotary(inputs_embeds, position_ids)                          # [1, s, hd]
         h = inputs_embeds
-        presents = []
+        out: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
-            a, k, v = self._attend(layer, layer.input_layernorm(h), cos, sin, past[2 * i], past[2 * i + 1], allowed)
+            past_k, past_v = x[r.name(S.PAST_KEY, i)], x[r.name(S.PAST_VALUE, i)]
+            a, k, v = self._attend(layer, layer.input_layernorm(h), cos, sin, past_k, past_v, allowed)
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-            presents += [k, v]
+            out[r.name(S.PRESENT_KEY, i)], out[r.name(S.PRESENT_VALUE, i)] = k, v
         h = self.norm(h.index_select(1, logit_positions))                            # [1, K, D]
-        logits = self.lm_head(h).float()                                             # [1, K, vocab]
-        return (logits, *presents)
+        out[r.name(S.LOGITS)] = self.lm_head(h).float()                              # [1, K, vocab]
+        return tuple(out[n] for n in self.spec.output_names)
+
+
+def graph_module(name: str, model: AvgLlavaModel, spec: S.GraphSpec) -> nn.Module:
+    """The torch module that exports (and is validated as) the graph `name`."""
+    if name == S.VISION:
+        return VisionGraph(model)
+    if name == S.ROUTER:
+        return RouterGraph(model)
+    if name == S.DECODER:
+        return DecoderGraph(model, spec)
+    raise ValueError(f"no graph named {name!r}")
 
 
 def to_precision(model: AvgLlavaModel, dtype: torch.dtype) -> AvgLlavaModel:
@@ -113,4 +134,4 @@ def reference_logits(model: AvgLlavaModel, inputs_embeds: torch.Tensor) -> torch
         return model.language_model(inputs_embeds=inputs_embeds).logits.float()
 
 
-__all__ = ["VisionGraph", "RouterGraph", "DecoderGraph", "reference_logits", "to_precision"]
+__all__ = ["VisionGraph", "RouterGraph", "DecoderGraph", "graph_module", "reference_logits", "to_precision"]

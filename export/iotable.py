@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from avg_edge.export.specs import markdown_io_table
+from avg_edge.specs import markdown_io_table
 
 
 def tables(config, precision: str = "fp16") -> str:
-    from avg_edge.export.build import bounds_for, graph_specs
+    from avg_edge.export.exporter import bounds_for, graph_specs
 
     specs = graph_specs(config, bounds_for(config, None, None), precision)
     layers = config.text.num_hidden_layers

@@ -15,11 +15,11 @@ import onnx
 import torch
 from torch import nn
 
-from avg_edge.errors import AvgEdgeError
-from avg_edge.export.specs import DERIVED_AXES, GraphSpec, example_sizes, make_feeds
+from avg_edge.errors import BuildError
+from avg_edge.specs import DERIVED_AXES, GraphSpec, example_sizes, make_feeds
 
 
-class ExportFailed(AvgEdgeError):
+class ExportFailed(BuildError):
     """torch's exporter could not turn a graph into ONNX."""
 
 # Weights beyond this go to an external-data file beside the .onnx (protobuf's 2 GiB cap).

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from avg_edge import constants as C
 from avg_edge.errors import CheckpointError
-from avg_edge.runtime.chat import prompt_chunks
+from avg_edge.runtime.chat import DEFAULT_TEMPLATE
 from avg_edge.runtime.tokenizer import JsonTokenizer, SentencePieceTokenizer
 
 CHECK_QUESTIONS = (
@@ -45,7 +45,7 @@ def write_tokenizer_json(model_dir: Path, out: Path) -> str:
 
 def check_same_tokens(reference, candidate) -> None:
     for q in CHECK_QUESTIONS:
-        for chunk in prompt_chunks(q):
+        for chunk in DEFAULT_TEMPLATE.render([q]):
             a, b = reference.encode(chunk), candidate.encode(chunk)
             if a != b:
                 raise CheckpointError(

@@ -11,10 +11,8 @@ import torch
 from torch import nn
 
 from avg_edge.export.onnx_export import torch_inputs
-from avg_edge.export.specs import GraphSpec, iter_points, make_feeds
-
-# (atol, rtol against the largest reference magnitude) per precision.
-TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)}
+from avg_edge.precision import Precision
+from avg_edge.specs import DecoderRoles, GraphSpec, iter_points, make_feeds
 
 
 @dataclass
@@ -51,11 +49,12 @@ def ort_session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def validate_graph(reference: nn.Module, spec: GraphSpec, onnx_path: Path, precision: str, seed: int = 0,
+def validate_graph(reference: nn.Module, spec: GraphSpec, onnx_path: Path, p: Precision, seed: int = 0,
                    runner: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None = None) -> GraphValidation:
     """The exported graph vs the fp32 PyTorch module, at every point: ONNX Runtime (CPU) on
     the file, or `runner` (e.g. a TensorRT engine) returning the outputs in spec order."""
-    atol, rtol = TOLERANCES[precision]
+    atol, rtol = p.tolerance
+    precision = p.name
     if runner is None:
         try:
             session = ort_session(onnx_path)
@@ -83,15 +82,17 @@ def validate_graph(reference: nn.Module, spec: GraphSpec, onnx_path: Path, preci
     return GraphValidation(spec.name, precision, status, "", points)
 
 
-def validate_wrapper(model, decoder: nn.Module, hidden: int, seq: int = 37, seed: int = 1) -> float:
+def validate_wrapper(model, spec: GraphSpec, seq: int = 37, seed: int = 1) -> float:
     """Max |logits| difference between the exported decoder's PyTorch code and transformers'
     own Llama forward on the same embeddings (the wrapper must not drift from the reference)."""
-    from avg_edge.export.graphs import reference_logits
+    from avg_edge.export.graphs import DecoderGraph, reference_logits
 
-    cfg = model.config.text
+    roles = DecoderRoles(spec)
     g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(1, seq, hidden, generator=g)
-    past = [torch.zeros(1, cfg.num_key_value_heads, 0, cfg.head_dim) for _ in range(2 * cfg.num_hidden_layers)]
+    emb = torch.randn(1, seq, model.config.hidden_size, generator=g)
+    feeds = roles.prefill_feeds(emb.numpy(), np.arange(seq))
+    feeds = {t.name: feeds[t.name].astype(np.float32) if feeds[t.name].dtype == np.float16 else feeds[t.name]
+             for t in spec.inputs}
     with torch.no_grad():
-        ours = decoder(emb, torch.ones(1, seq, dtype=torch.long), torch.arange(seq)[None], torch.arange(seq), *past)[0]
+        ours = DecoderGraph(model, spec)(*torch_inputs(feeds, spec))[spec.output_names.index(roles.name("logits"))]
     return float((ours - reference_logits(model, emb)).abs().max())

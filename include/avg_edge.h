@@ -40,12 +40,14 @@ extern "C" {
 
 /* BEGIN CDEF (this block is also what the library is built from) */
 #define AVG_EDGE_OK 0
-#define AVG_EDGE_ERR_ARGUMENT 1   /* a NULL pointer, an empty question, a bad option */
-#define AVG_EDGE_ERR_BUILD 2      /* build folder missing, incomplete, corrupt or of another format */
-#define AVG_EDGE_ERR_IMAGE 3      /* the image bytes could not be decoded */
-#define AVG_EDGE_ERR_RUNTIME 4    /* inference failed (backend, prompt longer than the context, ...) */
-#define AVG_EDGE_ERR_CANCELLED 5  /* the token callback returned non-zero */
-#define AVG_EDGE_ERR_INTERNAL 6   /* a bug: please report the message */
+#define AVG_EDGE_ERR_ARGUMENT 1   /* usage: a NULL pointer, an empty question, a bad option */
+#define AVG_EDGE_ERR_BUILD 2      /* build: folder missing, incomplete, corrupt or of another format */
+#define AVG_EDGE_ERR_IMAGE 3      /* image: the image bytes could not be decoded */
+#define AVG_EDGE_ERR_RUNTIME 4    /* failed: inference failed in the backend */
+#define AVG_EDGE_ERR_CANCELLED 5  /* cancelled: the token callback returned non-zero */
+#define AVG_EDGE_ERR_INTERNAL 6   /* internal: a bug, please report the message */
+#define AVG_EDGE_ERR_LIMIT 7      /* limit: beyond the build (prompt longer than the context, too many crops) */
+#define AVG_EDGE_ERR_BUSY 8       /* busy: no room now */
 
 typedef struct avg_edge_ctx avg_edge_ctx;
 

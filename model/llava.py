@@ -16,21 +16,14 @@ from avg_edge.model.config import AvgLlavaConfig
 from avg_edge.model.router import GranularityRouter
 from avg_edge.model.scaler import pack_image, scale_all
 from avg_edge.model.vision import Projector, VisionTower
-from avg_edge.runtime.chat import prompt_ids
+from avg_edge.runtime.chat import DEFAULT_TEMPLATE, prompt_ids
 from avg_edge.runtime.image import load_image
+from avg_edge.runtime.packing import visual_token_count
+from avg_edge.runtime.pipeline import Result
 from avg_edge.runtime.preprocess import PreprocessConfig, PreprocessedImage, preprocess_image
 from avg_edge.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger("avg_edge")
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    granularity: int
-    router_logits: list[float] | None
-    visual_tokens: int
 
 
 @dataclass
@@ -143,7 +136,7 @@ class AvgLlavaModel(nn.Module):
         gran = self.check_granularity(granularity)
         if self.tokenizer is None:
             raise InputError("this model has no tokenizer: load it with load_model(folder)")
-        before, after = prompt_ids(self.tokenizer.encode, self.config.text.bos_token_id, question)
+        before, after = prompt_ids(self.tokenizer.encode, self.config.text.bos_token_id, *DEFAULT_TEMPLATE.render([question]))
         pre = preprocess_image(load_image(image), self.preprocess_config)
         scaled = self.visual_features(torch.from_numpy(pre.pixel_values))  # {g: [crops, g, D]}
         emb_before = self.embed_ids(before)                                # [Tb, D]
@@ -158,23 +151,28 @@ class AvgLlavaModel(nn.Module):
 
     # -- generation ------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, image: Any, question: str, granularity: int | None = None, max_new_tokens: int = 64) -> GenerationResult:
-        """Greedy answer.  `granularity=None` lets the router choose; an int forces one."""
+    def generate(self, image: Any, question: str, granularity: int | None = None, max_new_tokens: int = 64) -> Result:
+        """Greedy answer (the runtime's Result type; timings are not measured here).
+        `granularity=None` lets the router choose; an int forces one."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
         prep = self.prepare(image, question, granularity)
-        ids = self.greedy(prep.inputs_embeds, max_new_tokens)
-        return GenerationResult(
+        ids, finish = self.greedy(prep.inputs_embeds, max_new_tokens)
+        logits = None if prep.router_logits is None else prep.router_logits.double()
+        return Result(
             text=self.tokenizer.decode(ids).strip(),
             token_ids=ids,
             granularity=prep.granularity,
-            router_logits=None if prep.router_logits is None else prep.router_logits.tolist(),
+            router_logits=None if logits is None else logits.tolist(),
+            router_probs=None if logits is None else torch.softmax(logits, 0).tolist(),
             visual_tokens=prep.visual_tokens,
+            visual_tokens_full=visual_token_count(self.config.granularities[-1], prep.image.grid, prep.image.image_size),
+            finish_reason=finish,
         )
 
     @torch.no_grad()
-    def greedy(self, inputs_embeds: torch.Tensor, max_new_tokens: int) -> list[int]:
-        """Greedy decoding with the KV cache; stops at </s> (not included)."""
+    def greedy(self, inputs_embeds: torch.Tensor, max_new_tokens: int) -> tuple[list[int], str]:
+        """Greedy decoding with the KV cache: (ids up to </s>, not included; "stop" or "length")."""
         eos = self.config.text.eos_token_id
         room = self.config.text.max_position_embeddings - inputs_embeds.shape[1]
         out = self.language_model(inputs_embeds=inputs_embeds.to(self.dtype), use_cache=True, logits_to_keep=1)
@@ -182,10 +180,10 @@ class AvgLlavaModel(nn.Module):
         for _ in range(min(max_new_tokens, room)):
             nxt = int(out.logits[0, -1].argmax())
             if nxt == eos:
-                break
+                return ids, "stop"
             ids.append(nxt)
             out = self.language_model(input_ids=torch.tensor([[nxt]]), cache=out.cache, use_cache=True, logits_to_keep=1)
-        return ids
+        return ids, "length"
 
     def forward_logits(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Logits for every position of [1, N, D] embeddings (tests and scoring)."""

@@ -1,34 +1,39 @@
-"""The torch-free runtime: image + question -> answer, through a build folder's graphs.
+"""The torch-free runtime core: image + question -> answer through a build folder's graphs.
 
-preprocess (AnyRes) -> vision graph (all granularities) -> router graph (or a fixed
-granularity) -> pack ONLY the chosen granularity (one gather) -> prompt embeddings from
-the table -> decoder prefill -> decode loop with the KV cache -> streamed text.
+Steps, each usable on its own (calibration and the server use them):
+  encode_image  preprocess (AnyRes) -> vision graph: every granularity's features
+  prepare       router graph (or a fixed granularity) -> pack ONLY the chosen granularity
+                (one gather) -> prompt embeddings from the table, around the image
+  score         teacher-forced mean NLL of an answer after a prepared prompt
+  decode        prefill + KV-cache decode loop -> token ids
+and on top: `stream` (text pieces, then `.result`) and `generate` (the whole Result).
+No file or network I/O happens after `Pipeline.load`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from avg_edge import constants as C
-from avg_edge.errors import InputError
-from avg_edge.export import specs as S
-from avg_edge.export.manifest import Manifest, load_manifest
-from avg_edge.runtime.backends.base import Backend, BackendError
-from avg_edge.runtime.chat import prompt_ids
+from avg_edge import specs as S
+from avg_edge.errors import InputError, LimitError
+from avg_edge.manifest import Manifest, inside, load_manifest
+from avg_edge.runtime.backends import Backend, open_backends
+from avg_edge.runtime.chat import ChatTemplate, prompt_ids
 from avg_edge.runtime.image import load_image
 from avg_edge.runtime.packing import gather_indices, visual_token_count
-from avg_edge.runtime.preprocess import PreprocessConfig, preprocess_image
+from avg_edge.runtime.preprocess import PreprocessConfig, PreprocessedImage, preprocess_image
 from avg_edge.runtime.sampling import SamplingParams, next_token
+from avg_edge.runtime.text import TextStream
 from avg_edge.runtime.tokenizer import JsonTokenizer, Tokenizer
 
 log = logging.getLogger("avg_edge")
-BACKENDS = ("auto", "ort", "trt")
 
 
 @dataclass
@@ -68,6 +73,8 @@ class Timings:
 
 @dataclass
 class Result:
+    """One answer; the PyTorch reference returns the same type."""
+
     text: str
     token_ids: list[int]
     granularity: int
@@ -84,90 +91,81 @@ class Result:
         return d
 
 
-class TextStream:
-    """Incremental detokenisation: decode the whole answer each step and emit what is new.
-    Byte-fallback pieces (<0xNN>) are held back until a normal piece follows, because
-    the decoder turns a run of bytes into characters only as a whole."""
+@dataclass
+class EncodedImage:
+    """An image after preprocessing and the vision graph."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = ""
+    image: PreprocessedImage
+    features: dict[str, np.ndarray]        # feature_name(g) -> [crops, g, D]
+    preprocess_seconds: float = 0.0
+    vision_seconds: float = 0.0
 
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        if self.tokenizer.is_byte(token):
-            return ""
-        text = self.tokenizer.decode(self.ids).lstrip()
-        if text.endswith("\ufffd") or not text.startswith(self.emitted):
-            return ""
-        piece, self.emitted = text[len(self.emitted):], text
-        return piece
 
-    def flush(self) -> str:
-        """Whatever was held back (a trailing partial character) once the answer ends."""
-        text = self.tokenizer.decode(self.ids).lstrip()
-        piece = text[len(self.emitted):] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return piece
+@dataclass
+class Prepared:
+    """Everything between the image and the decoder for one question."""
+
+    embeds: np.ndarray                     # [1, N, D] prompt before | visual tokens | prompt after
+    granularity: int
+    router_logits: np.ndarray | None       # [n_granularities]
+    visual_tokens: int
+    visual_tokens_full: int
+    ids_before: list[int]
+    ids_after: list[int]
+    timings: Timings
+
+    @property
+    def router_probs(self) -> np.ndarray | None:
+        if self.router_logits is None:
+            return None
+        p = np.exp(self.router_logits - self.router_logits.max())
+        return p / p.sum()
 
 
 class Pipeline:
-    """Core pipeline: no file or network I/O after construction (see `load`)."""
+    """The core pipeline over one build's backends, tokenizer and tables."""
 
     def __init__(self, manifest: Manifest, backends: dict[str, Backend], tokenizer: Tokenizer,
                  embed_table: np.ndarray, image_newline: np.ndarray, load_seconds: float = 0.0) -> None:
         self.manifest = manifest
-        self.backends = backends
+        self.backends = dict(backends)
         self.tokenizer = tokenizer
         self.embed_table = embed_table                    # [vocab, D]
         self.image_newline = image_newline                # [D]
         self.load_seconds = load_seconds
-        self.dtype = np.dtype(manifest.spec(S.DECODER).inputs[0].dtype)
+        self.template = ChatTemplate.from_dict(manifest.chat_template)
+        self.decoder_roles = S.DecoderRoles(manifest.spec(S.DECODER))
+        self.dtype = self.decoder_roles.dtype
         self.preprocess_config = PreprocessConfig(
             crop_size=manifest.crop_size, pinpoints=tuple(tuple(p) for p in manifest.pinpoints),
             mean=tuple(manifest.image_mean), std=tuple(manifest.image_std))
         self.max_crops = manifest.spec(S.VISION).axes()[C.AXIS_CROPS].max
+        self.max_logits = manifest.spec(S.DECODER).axes()[C.AXIS_LOGITS].max
+        self._newline_row = np.asarray(image_newline, dtype=self.dtype).reshape(1, -1)
         self._said_no_router = False
-        layers = (len(manifest.spec(S.DECODER).inputs) - 4) // 2
-        self._kv_names = [pair for i in range(layers) for pair in (
-            (C.past_key_name(i), C.present_key_name(i)), (C.past_value_name(i), C.present_value_name(i)))]
 
-    # -- construction -----------------------------------------------------------------
     @classmethod
     def load(cls, build_dir: str | Path, backend: str = "auto", verify: bool = False, threads: int = 0,
              manifest: Manifest | None = None) -> "Pipeline":
-        """Read a build folder; backend auto = TensorRT engines if the build has them and
-        TensorRT runs here, else ONNX Runtime (which itself prefers GPU providers).
-        `manifest` replaces the folder's manifest.json (used while a build is assembled)."""
+        """Open a build folder (see `runtime.backends` for what `backend` picks).
+        `manifest` replaces the folder's manifest.json (while a build is assembled)."""
         t0 = time.perf_counter()
-        if backend not in BACKENDS:
-            raise InputError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
         folder = Path(build_dir)
         m = manifest if manifest is not None else load_manifest(folder, verify=verify)
-        use_trt = backend == "trt" or (backend == "auto" and m.engines and _trt_usable())
-        backends: dict[str, Backend] = {}
-        for name in m.graphs:
-            spec = m.spec(name)
-            if use_trt:
-                from avg_edge.runtime.backends.trt_backend import TrtBackend
-
-                try:
-                    if name not in m.engines:
-                        raise BackendError(f"{folder}: no TensorRT engine for {name}; rebuild with avg-export build --backend trt")
-                    backends[name] = TrtBackend(spec, folder / m.engines[name], m.tensorrt)
-                    continue
-                except BackendError as e:
-                    if backend == "trt":
-                        raise
-                    log.warning("%s; using ONNX Runtime for %s", e, name)   # auto: never fail for want of an engine
-            from avg_edge.runtime.backends.ort_backend import OrtBackend
-
-            backends[name] = OrtBackend(spec, folder / spec.file, threads=threads)
-        tok = JsonTokenizer(folder / C.TOKENIZER_JSON_FILE)
-        table = np.load(folder / C.EMBED_TABLE_FILE, mmap_mode="r", allow_pickle=False)
-        newline = np.load(folder / C.IMAGE_NEWLINE_FILE, allow_pickle=False)
+        backends = open_backends(folder, m, backend, threads)
+        try:
+            tok = JsonTokenizer(inside(folder, C.TOKENIZER_JSON_FILE, "tokenizer"))
+            table = _load_table(inside(folder, C.EMBED_TABLE_FILE, "table"), mmap=True)
+            newline = _load_table(inside(folder, C.IMAGE_NEWLINE_FILE, "table"), mmap=False)
+        except BaseException:
+            for b in backends.values():
+                b.close()
+            raise
         return cls(m, backends, tok, table, newline, time.perf_counter() - t0)
+
+    def with_backends(self, backends: dict[str, Backend]) -> "Pipeline":
+        """The same build with other backends (e.g. wrappers that record what each graph sees)."""
+        return Pipeline(self.manifest, backends, self.tokenizer, self.embed_table, self.image_newline, self.load_seconds)
 
     @property
     def granularities(self) -> list[int]:
@@ -176,154 +174,235 @@ class Pipeline:
     def describe_backend(self) -> str:
         return self.backends[S.DECODER].describe()
 
-    # -- public calls -------------------------------------------------------------------
-    def generate(self, image: Any, question: str, granularity: int | str | None = None, max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, on_text: Callable[[str], None] | None = None) -> Result:
-        """The whole answer; `on_text` receives each piece as it is decoded."""
-        run = self._run(image, question, granularity, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed))
-        while True:
-            try:
-                piece = next(run)
-            except StopIteration as done:
-                return done.value
-            if on_text is not None:
-                on_text(piece)
+    def close(self) -> None:
+        for b in self.backends.values():
+            b.close()
 
-    def stream(self, image: Any, question: str, granularity: int | str | None = None, max_new_tokens: int = 256,
-               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-               seed: int | None = None) -> Iterator[str]:
-        """Text pieces as they are decoded (the generator's return value is the Result)."""
-        return self._run(image, question, granularity, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed))
+    def __enter__(self) -> "Pipeline":
+        return self
 
-    # -- the pipeline -------------------------------------------------------------------
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- checks ----------------------------------------------------------------------------
     def check_granularity(self, granularity: Any) -> int | None:
+        """None / "auto" (the router chooses) or one of the build's granularities."""
         if granularity is None or granularity == "auto":
             return None
         valid = self.granularities
-        try:
-            g = int(granularity)
-        except (TypeError, ValueError):
-            g = None
-        if g not in valid or isinstance(granularity, bool) or isinstance(granularity, float):
+        if isinstance(granularity, (bool, float)) or not isinstance(granularity, (int, np.integer)) \
+                or int(granularity) not in valid:
             raise InputError(f"granularity: expected auto or one of {valid}, got {granularity!r}")
-        return g
+        return int(granularity)
 
-    def _run(self, image: Any, question: str, granularity: Any, max_new_tokens: int,
-             sampling: SamplingParams) -> Generator[str, None, Result]:
-        t_start = time.perf_counter()
-        tm = Timings(load=self.load_seconds)
-        for b in self.backends.values():
-            b.total_inference_time = 0.0
-        gran = self.check_granularity(granularity)
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
-        m = self.manifest
-        before, after = prompt_ids(self.tokenizer.encode, m.bos_token_id, question)
-
+    # -- steps -----------------------------------------------------------------------------
+    def encode_image(self, image: Any) -> EncodedImage:
+        """Preprocess and run the vision graph (all granularities)."""
         t0 = time.perf_counter()
         pre = preprocess_image(load_image(image), self.preprocess_config)
         crops = pre.pixel_values.shape[0]
         if crops > self.max_crops:
-            raise InputError(f"this image needs {crops} crops; the build accepts at most {self.max_crops} "
+            raise LimitError(f"this image needs {crops} crops; the build accepts at most {self.max_crops} "
                              f"(rebuild with avg-export build --max-crops {crops})")
-        tm.preprocess = time.perf_counter() - t0
+        t_pre = time.perf_counter() - t0
+        vision = self.backends[S.VISION]
+        feats = vision.infer({"pixel_values": pre.pixel_values.astype(self.dtype)})
+        return EncodedImage(pre, feats, t_pre, vision.last_inference_time)
 
-        feats = self.backends[S.VISION].infer({"pixel_values": pre.pixel_values.astype(self.dtype)})
-        tm.vision = self.backends[S.VISION].last_inference_time
-        text = np.asarray(self.embed_table[np.asarray(before + after)], dtype=self.dtype)   # [T, D]
-        chosen, logits, probs = self._choose(feats, text, gran)
-        if logits is not None:
-            tm.router = self.backends[S.ROUTER].last_inference_time
-
-        d = m.hidden_size
-        source = np.concatenate([feats[S.feature_name(chosen)].reshape(-1, d), self.image_newline.reshape(1, d).astype(self.dtype)])
-        visual = source[gather_indices(chosen, pre.grid, pre.image_size)]                   # [V, D]
-        embeds = np.concatenate([text[:len(before)], visual, text[len(before):]])[None]      # [1, N, D]
-        n = embeds.shape[1]
-        if n >= m.context_length:
-            raise InputError(f"the prompt is {n} tokens ({visual.shape[0]} visual) but the build's context holds "
-                             f"{m.context_length}; use a coarser --granularity or rebuild with a larger --max-context")
+    def prepare(self, image: Any, question: str, granularity: Any = None) -> Prepared:
+        """Router (or a fixed granularity), packing and prompt embeddings: [1, N, D]."""
+        gran = self.check_granularity(granularity)
+        enc = image if isinstance(image, EncodedImage) else self.encode_image(image)
+        before, after = prompt_ids(self.tokenizer.encode, self.manifest.bos_token_id, *self.template.render([question]))
+        tm = Timings(preprocess=enc.preprocess_seconds, vision=enc.vision_seconds)
+        text = np.asarray(self.embed_table[np.asarray(before + after)], dtype=self.dtype)        # [T, D]
+        chosen, logits = self._choose(enc.features, text, gran, tm)
+        d = self.manifest.hidden_size
+        source = np.concatenate([enc.features[S.feature_name(chosen)].reshape(-1, d), self._newline_row])
+        pre = enc.image
+        visual = source[gather_indices(chosen, pre.grid, pre.image_size)]                         # [V, D]
+        embeds = np.concatenate([text[:len(before)], visual, text[len(before):]])[None]           # [1, N, D]
+        n, ctx = embeds.shape[1], self.manifest.context_length
+        if n >= ctx:
+            raise LimitError(f"the prompt is {n} tokens ({visual.shape[0]} visual) but the build's context holds "
+                             f"{ctx}; use a coarser granularity or rebuild with a larger --max-context")
         full = visual_token_count(self.granularities[-1], pre.grid, pre.image_size)
+        return Prepared(embeds, chosen, logits, int(visual.shape[0]), int(full), before, after, tm)
 
-        ids, finish = yield from self._decode(embeds, max_new_tokens, sampling, tm, t_start)
-        tm.total = time.perf_counter() - t_start
-        tm.backend = sum(b.total_inference_time for b in self.backends.values())
-        return Result(text=self.tokenizer.decode(ids).strip(), token_ids=ids, granularity=chosen,
-                      router_logits=None if logits is None else [float(x) for x in logits],
-                      router_probs=None if probs is None else [float(x) for x in probs],
-                      visual_tokens=int(visual.shape[0]), visual_tokens_full=int(full), finish_reason=finish,
-                      timings=tm)
-
-    def _choose(self, feats: dict[str, np.ndarray], text: np.ndarray, gran: int | None):
+    def _choose(self, features: dict[str, np.ndarray], text: np.ndarray, gran: int | None,
+                tm: Timings) -> tuple[int, np.ndarray | None]:
         if gran is not None:
-            return gran, None, None
+            return gran, None
         if not self.manifest.has_router:
             if not self._said_no_router:
                 log.warning("this build has no router: using the finest granularity %d", self.granularities[-1])
                 self._said_no_router = True
-            return self.granularities[-1], None, None
-        out = self.backends[S.ROUTER].infer({**feats, "text_embeds": text})
-        logits = out["logits"].astype(np.float64)
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        return self.granularities[int(np.argmax(logits))], logits, probs
+            return self.granularities[-1], None
+        router = self.backends[S.ROUTER]
+        logits = router.infer({**features, "text_embeds": text})["logits"].astype(np.float64)
+        tm.router = router.last_inference_time
+        return self.granularities[int(np.argmax(logits))], logits
 
-    def _decode(self, embeds: np.ndarray, max_new_tokens: int, sampling: SamplingParams, tm: Timings,
-                t_start: float) -> Generator[str, None, tuple[list[int], str]]:
-        m = self.manifest
-        dec = self.backends[S.DECODER]
-        spec = dec.spec
-        bound = getattr(dec, "infer_bound", None)
-        n = embeds.shape[1]
-        past = {t.name: np.zeros(spec.shape_of(t, {C.AXIS_PAST: 0}), dtype=t.dtype) for t in spec.inputs[4:]}
-        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, n), np.int64),
-                 "position_ids": np.arange(n, dtype=np.int64)[None], "logit_positions": np.array([n - 1], np.int64), **past}
-        spec.check_inputs(feeds)
-        rng = np.random.default_rng(sampling.seed)
-        stream = TextStream(self.tokenizer)
-        ids: list[int] = []
-        pos = n
-        finish = "length"
+    def score(self, prepared: Prepared, answer_ids: list[int]) -> float:
+        """Mean negative log-likelihood of `answer_ids` after the prompt, teacher-forced in
+        one prefill (the decoder returns logits only at the answer's positions)."""
+        if not answer_ids:
+            raise InputError("answer: expected at least one token to score")
+        if len(answer_ids) > self.max_logits:
+            raise LimitError(f"answer: {len(answer_ids)} tokens; this build scores at most {self.max_logits}")
+        prompt = prepared.embeds[0]
+        emb = np.concatenate([prompt, np.asarray(self.embed_table[answer_ids[:-1]], dtype=self.dtype)])[None]
+        if emb.shape[1] > self.manifest.context_length:
+            raise LimitError(f"prompt and answer are {emb.shape[1]} tokens; the build's context holds "
+                             f"{self.manifest.context_length}")
+        first = prompt.shape[0] - 1                                     # this position predicts answer[0]
+        feeds = self.decoder_roles.prefill_feeds(emb, np.arange(first, first + len(answer_ids)))
+        logits = self.decoder_roles.logits(self.backends[S.DECODER].infer(feeds))[0].astype(np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        return -float(np.mean(logp[np.arange(len(answer_ids)), answer_ids]))
+
+    def decode(self, prepared: Prepared, max_new_tokens: int = 256,
+               sampling: SamplingParams | None = None) -> "TokenStream":
+        """Prefill, then one decoder step per token: an iterator of token ids (</s> excluded)."""
+        return TokenStream(self, prepared, _check_max_new_tokens(max_new_tokens), sampling or SamplingParams())
+
+    # -- on top ----------------------------------------------------------------------------
+    def stream(self, image: Any, question: str, granularity: Any = None, max_new_tokens: int = 256,
+               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+               seed: int | None = None) -> "Generation":
+        """Text pieces as they are decoded; the Result is `.result` once it is exhausted."""
+        t_start = time.perf_counter()
+        for b in self.backends.values():
+            b.total_inference_time = 0.0
+        sampling = SamplingParams(temperature, top_k, top_p, seed)        # bad settings fail before any work
+        _check_max_new_tokens(max_new_tokens)
+        prepared = self.prepare(image, question, granularity)
+        return Generation(self, prepared, self.decode(prepared, max_new_tokens, sampling), t_start)
+
+    def generate(self, image: Any, question: str, granularity: Any = None, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, on_text: Callable[[str], None] | None = None) -> Result:
+        """The whole answer; `on_text` receives each piece as it is decoded."""
+        gen = self.stream(image, question, granularity, max_new_tokens, temperature, top_k, top_p, seed)
+        for piece in gen:
+            if on_text is not None:
+                on_text(piece)
+        return gen.result
+
+
+class TokenStream:
+    """Token ids from the decoder, one per step.  After the last one, `finish_reason` is
+    "stop" (</s>) or "length", and the prefill / decode seconds are filled in."""
+
+    def __init__(self, pipe: Pipeline, prepared: Prepared, max_new_tokens: int, sampling: SamplingParams) -> None:
+        self.pipe, self.prepared, self.sampling = pipe, prepared, sampling
+        n = prepared.embeds.shape[1]
+        self.room = min(max_new_tokens, pipe.manifest.context_length - n)   # same room as the reference
+        self.finish_reason: str | None = None
+        self.prefill_seconds = 0.0
+        self.first_token_at = 0.0           # perf_counter() when the first token was known
+        self.decode_seconds = 0.0
+        self.count = 0
+        self._tokens = self._run()
+
+    def __iter__(self) -> "TokenStream":
+        return self
+
+    def __next__(self) -> int:
+        return next(self._tokens)
+
+    def close(self) -> None:
+        self._tokens.close()
+
+    def _run(self) -> Iterator[int]:
+        pipe, roles = self.pipe, self.pipe.decoder_roles
+        dec = pipe.backends[S.DECODER]
+        eos = pipe.manifest.eos_token_id
+        logits_name = roles.name(S.LOGITS)
+        feeds = roles.prefill_feeds(self.prepared.embeds)
+        dec.spec.check_inputs(feeds)
+        rng = np.random.default_rng(self.sampling.seed)
+        pos = self.prepared.embeds.shape[1]
         t0 = time.perf_counter()
+        out = dec.infer_kv(feeds, to_host=(logits_name,))                    # prefill
+        self.first_token_at = time.perf_counter()
+        self.prefill_seconds = self.first_token_at - t0
+        t0 = self.first_token_at
         while True:
-            out = bound(feeds, to_host=("logits",)) if bound else dec.infer(feeds, check=False)
-            token = next_token(np.asarray(out["logits"])[0, -1], sampling, rng)
-            if not ids:
-                tm.prompt_eval = time.perf_counter() - t0
-                tm.prompt_eval_count = n
-                tm.time_to_first_token = time.perf_counter() - t_start
-                t0 = time.perf_counter()
-            if token == m.eos_token_id:
-                finish = "stop"
+            token = next_token(np.asarray(out[logits_name])[0, -1], self.sampling, rng)
+            if token == eos:
+                self.finish_reason = "stop"
                 break
+            self.count += 1
+            yield token
+            if self.count >= self.room:
+                self.finish_reason = "length"
+                break
+            embed = np.asarray(pipe.embed_table[[token]], dtype=pipe.dtype)[None]
+            out = dec.infer_kv(roles.step_feeds(embed, pos, roles.next_past(out)), to_host=(logits_name,))
+            pos += 1
+        self.decode_seconds = time.perf_counter() - t0 if self.count else 0.0
+
+
+class Generation:
+    """An answer being generated: iterate for text pieces; `result` is set once the
+    iterator is exhausted (None before)."""
+
+    def __init__(self, pipe: Pipeline, prepared: Prepared, tokens: TokenStream, t_start: float) -> None:
+        self.pipe, self.prepared, self.tokens, self.t_start = pipe, prepared, tokens, t_start
+        self.result: Result | None = None
+        self._pieces = self._run()
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop early (the decoder loop ends at the next step); `result` stays None."""
+        self._pieces.close()
+        self.tokens.close()
+
+    def _run(self) -> Iterator[str]:
+        text = TextStream(self.pipe.tokenizer)
+        ids: list[int] = []
+        for token in self.tokens:
             ids.append(token)
-            piece = stream.push(token)
+            piece = text.push(token)
             if piece:
                 yield piece
-            if len(ids) >= min(max_new_tokens, m.context_length - n):   # same room as the reference
-                break
-            feeds = {"inputs_embeds": np.asarray(self.embed_table[[token]], dtype=self.dtype)[None],
-                     "attention_mask": np.ones((1, pos + 1), np.int64), "position_ids": np.array([[pos]], np.int64),
-                     "logit_positions": np.zeros(1, np.int64)}
-            feeds.update({past_name: out[present_name] for past_name, present_name in self._kv_names})
-            pos += 1
-        rest = stream.flush()
+        rest = text.flush()
         if rest:
             yield rest
-        tm.eval = time.perf_counter() - t0 if ids else 0.0
-        tm.eval_count = len(ids)
-        return ids, finish
+        p, tk = self.prepared, self.tokens
+        tm = replace(p.timings, load=self.pipe.load_seconds, prompt_eval=tk.prefill_seconds,
+                     prompt_eval_count=p.embeds.shape[1], eval=tk.decode_seconds, eval_count=len(ids),
+                     time_to_first_token=tk.first_token_at - self.t_start)
+        tm.total = time.perf_counter() - self.t_start
+        tm.backend = sum(b.total_inference_time for b in self.pipe.backends.values())
+        probs = p.router_probs
+        self.result = Result(text=self.pipe.tokenizer.decode(ids).strip(), token_ids=ids, granularity=p.granularity,
+                             router_logits=None if p.router_logits is None else [float(x) for x in p.router_logits],
+                             router_probs=None if probs is None else [float(x) for x in probs],
+                             visual_tokens=p.visual_tokens, visual_tokens_full=p.visual_tokens_full,
+                             finish_reason=tk.finish_reason or "length", timings=tm)
 
 
-def _trt_usable() -> bool:
-    from avg_edge.export.tensorrt_build import TensorRTUnavailable, probe
+def _check_max_new_tokens(n: Any) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError(f"max_new_tokens: expected a positive integer, got {n!r}")
+    return n
+
+
+def _load_table(path: Path, mmap: bool) -> np.ndarray:
+    from avg_edge.errors import BuildFolderError
 
     try:
-        probe()
-        return True
-    except TensorRTUnavailable:
-        return False
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise BuildFolderError(f"{path}: not a readable .npy table ({e}); rebuild with avg-export build") from e
 
 
-__all__ = ["Pipeline", "Result", "Timings", "TextStream"]
+__all__ = ["Pipeline", "Result", "Timings", "EncodedImage", "Prepared", "TokenStream", "Generation"]

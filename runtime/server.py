@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from avg_edge.errors import AvgEdgeError, ImageError, InputError
+from avg_edge.errors import AvgEdgeError, Busy, category_of, one_line
 from avg_edge.runtime.image import load_image
 from avg_edge.runtime.pipeline import Pipeline, Result
 from avg_edge.runtime.sampling import SamplingParams
@@ -37,10 +37,22 @@ class ServerOptions:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+    """An error with its HTTP status, in OpenAI's shape.  `from_error` takes the status of
+    any exception from the category table (errors.CATEGORIES); the HTTP-only conditions
+    (401, 404, 405, 413) are made here directly."""
+
+    def __init__(self, status: int, message: str, type_: str | None = None,
                  param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+
+    @classmethod
+    def from_error(cls, e: BaseException, param: str | None = None) -> "ApiError":
+        if isinstance(e, ApiError):
+            return e
+        category = category_of(e)
+        return cls(category.http_status, one_line(e), param=param, code=category.name)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -58,8 +70,7 @@ class Admission:
     def enter(self) -> None:
         with self._lock:
             if self.in_flight >= self.limit:
-                raise ApiError(503, f"server busy: {self.in_flight} requests in flight (limit {self.limit}); retry later",
-                               "server_error", code="overloaded")
+                raise Busy(f"server busy: {self.in_flight} requests in flight (limit {self.limit}); retry later")
             self.in_flight += 1
 
     def leave(self) -> None:
@@ -104,10 +115,7 @@ def parse_request(body: dict[str, Any], opts: ServerOptions) -> dict[str, Any]:
     temperature = _number(body, "temperature", 0.0)
     top_p = _number(body, "top_p", None)
     top_k, seed = _integer(body, "top_k"), _integer(body, "seed")
-    try:
-        SamplingParams(temperature, top_k, top_p, seed)
-    except InputError as e:
-        raise ApiError(400, str(e)) from e
+    SamplingParams(temperature, top_k, top_p, seed)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, f"stream: expected true or false, got {stream!r}", param="stream")
@@ -200,8 +208,9 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
 
     gate = Admission(opts.max_queue)
 
-    def error(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+    def error(e: BaseException) -> JSONResponse:
+        api = ApiError.from_error(e)
+        return JSONResponse(api.body(), status_code=api.status)
 
     def check_key(request: Request) -> None:
         if opts.api_key is None:
@@ -246,12 +255,9 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
         try:
             with gate.run_lock:
                 gen = pipe.stream(**args)
-                while True:
-                    try:
-                        q.put(("piece", next(gen)))
-                    except StopIteration as done:
-                        q.put(("done", done.value))
-                        return
+                for piece in gen:
+                    q.put(("piece", piece))
+                q.put(("done", gen.result))
         except BaseException as e:  # noqa: BLE001 - reported in-band to the client
             q.put(("error", e))
         finally:
@@ -272,9 +278,7 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
                 yield chunk({}, value.finish_reason, usage=usage(value), avg_edge=extras(value))
                 break
             else:
-                status = 400 if isinstance(value, (ImageError, InputError)) else 422 if isinstance(value, AvgEdgeError) else 500
-                kind_ = "invalid_request_error" if status < 500 else "server_error"
-                yield f"data: {json.dumps(ApiError(status, str(value) or type(value).__name__, kind_).body())}\n\n"
+                yield f"data: {json.dumps(ApiError.from_error(value).body())}\n\n"
                 break
         yield "data: [DONE]\n\n"
 
@@ -286,13 +290,8 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
             stream = args.pop("stream")
             pipe.check_granularity(args["granularity"])
             args["image"] = await run_in_threadpool(load_image, args["image"])   # decoded once, here
-        except ApiError as e:
-            return error(e)
-        except (ImageError, InputError) as e:
-            return error(ApiError(400, str(e)))
-        try:
             gate.enter()
-        except ApiError as e:
+        except (ApiError, AvgEdgeError) as e:
             return error(e)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if stream:
@@ -303,12 +302,8 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
         try:
             r = await run_in_threadpool(run, args)
             return JSONResponse(completion_body(r, opts, cid, created))
-        except (ImageError, InputError) as e:
-            return error(ApiError(400, str(e)))
-        except AvgEdgeError as e:
-            return error(ApiError(422, str(e), code="unprocessable"))
-        except Exception as e:  # noqa: BLE001
-            return error(ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+        except Exception as e:  # noqa: BLE001 - every error gets its category's status
+            return error(e)
         finally:
             gate.leave()
 

@@ -6,20 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from avg_edge.model.tiny import (  # noqa: F401  (re-exported for the tests)
-    SENTENCES, TINY_CLIP, make_tiny_checkpoint as make_checkpoint, randomize_, textured_image, tiny_config_dict,
-    train_sentencepiece,
-)
+from avg_edge.model.tiny import make_tiny_checkpoint
 
 
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests need TensorRT and a CUDA GPU; elsewhere they skip saying which is missing."""
-    from avg_edge.export.tensorrt_build import TensorRTUnavailable, probe
+    from avg_edge.errors import BackendUnavailable
+    from avg_edge.runtime.backends.trt_backend import probe
 
     try:
         probe()
         return
-    except TensorRTUnavailable as e:
+    except BackendUnavailable as e:
         skip = pytest.mark.skip(reason=f"gpu test skipped: {e}")
     for item in items:
         if "gpu" in item.keywords:
@@ -28,12 +26,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "avg-llava-tiny", router=True)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "avg-llava-tiny", router=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_stage3_ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt3") / "avg-llava-stage3-tiny", router=False, seed=1)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt3") / "avg-llava-stage3-tiny", router=False, seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +44,7 @@ def tiny_model(tiny_ckpt):
 @pytest.fixture(scope="session")
 def tiny_build(tiny_ckpt, tmp_path_factory):
     """An fp32 build of the tiny checkpoint: (folder, BuildResult, progress lines)."""
-    from avg_edge.export.build import BuildOptions, build
+    from avg_edge.export.exporter import BuildOptions, build
 
     out = tmp_path_factory.mktemp("builds") / "tiny-fp32"
     lines: list[str] = []

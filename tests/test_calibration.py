@@ -13,12 +13,12 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from typer.testing import CliRunner
 
-from avg_edge.calibration.build import DRIFT_FILE, QuantOptions, build_quantized
+from avg_edge.calibration.quantized_build import DRIFT_FILE, QuantOptions, build_quantized
 from avg_edge.cli import export_app
-from avg_edge.export.build import BuildOptions
-from avg_edge.export.manifest import load_manifest, sha256_file
+from avg_edge.export.exporter import BuildOptions
+from avg_edge.manifest import load_manifest, sha256_file
 from avg_edge.runtime.pipeline import Pipeline
-from conftest import textured_image
+from avg_edge.model.tiny import textured_image
 
 ANSWERS = ("red", "left", "three", "dots", "AB12", "side")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from avg_edge.runtime.capi.build import HEADER, build_library, cdef_from_header
+from avg_edge.runtime.capi.compile import HEADER, build_library, cdef_from_header
 from avg_edge.runtime.pipeline import Pipeline
-from conftest import textured_image
+from avg_edge.model.tiny import textured_image
 
 ROOT = Path(__file__).resolve().parents[1]
 CC = shutil.which("cc") or shutil.which("gcc")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from avg_edge.errors import CheckpointError, ConfigError, ImageError, InputError
 from avg_edge.model import load_model
 from avg_edge.runtime.packing import visual_token_count
-from conftest import textured_image
+from avg_edge.model.tiny import textured_image
 
 SPEC_PREFIXES = (
     "model.vision_tower.vision_tower.vision_model.", "model.mm_projector.0.", "model.mm_projector.2.",

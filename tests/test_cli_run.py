@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from avg_edge import constants as C
 from avg_edge.cli import run_app
-from conftest import textured_image
+from avg_edge.model.tiny import textured_image
 
 runner = CliRunner()
 
@@ -88,10 +88,11 @@ def test_bad_images_are_one_line_errors(tiny_build, images, kind):
 @pytest.mark.parametrize("args,code,match", [
     (["{img}", "   "], 2, "empty question"),
     (["{dir}/missing.png", "What?"], 2, "image file not found"),
-    (["{img}", "What?", "-g", "100"], 2, "--granularity: expected auto, 36, 72, 144, 288 or 576, got '100'"),
+    (["{img}", "What?", "-g", "100"], 2, "--granularity: expected auto or one of this build's granularities 36, 72, 144, 288, 576; got '100'"),
     (["{img}", "What?", "--backend", "cuda"], 2, "--backend: expected one of ['auto', 'ort', 'trt']"),
     (["{img}", "What?", "-m", "{dir}/no-build"], 2, "build folder not found"),
-    (["{img}", "What?", "--temp", "-2"], 1, "temperature"),
+    (["{img}", "What?", "--temp", "-2"], 2, "temperature"),
+    (["{img}", "What?", "--top-p", "1.5"], 2, "top_p"),
 ])
 def test_usage_errors(tiny_build, images, tmp_path, args, code, match):
     args = [a.format(img=images[0]["photo"], dir=tmp_path) for a in args]
@@ -104,7 +105,7 @@ def test_usage_errors(tiny_build, images, tmp_path, args, code, match):
 
 @pytest.fixture(scope="module")
 def small_context_build(tiny_ckpt, tmp_path_factory):
-    from avg_edge.export.build import BuildOptions, build
+    from avg_edge.export.exporter import BuildOptions, build
 
     out = tmp_path_factory.mktemp("ctx") / "ctx256"
     build(BuildOptions(model=tiny_ckpt, output=out, max_context=256, validate=False), progress=lambda s: None)
@@ -122,7 +123,7 @@ def test_prompt_longer_than_context(small_context_build, images):
 @pytest.mark.parametrize("damage,match", [
     ("missing", "missing file(s) ['router.onnx']"),
     ("checksum", "checksum mismatch for ['tokenizer.json']"),
-    ("version", "build format version 0, this avg-edge reads version 1"),
+    ("version", f"build format version 0, this avg-edge reads version {C.MANIFEST_FORMAT}"),
 ])
 def test_broken_build_folders(tiny_build, images, tmp_path, damage, match):
     folder = tmp_path / "b"

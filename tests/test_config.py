@@ -6,7 +6,7 @@ import pytest
 
 from avg_edge.errors import ConfigError
 from avg_edge.model.config import AvgLlavaConfig, pool_kernel
-from conftest import TINY_CLIP, tiny_config_dict
+from avg_edge.model.tiny import TINY_CLIP, tiny_config_dict
 
 
 def _folder_with_tower(tmp_path):

@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 
 from avg_edge import constants as C
 from avg_edge.cli import export_app
-from avg_edge.export.build import BuildOptions, bounds_for, build, graph_specs
-from avg_edge.export.manifest import BuildFolderError, load_manifest, sha256_file
-from conftest import textured_image
+from avg_edge.export.exporter import BuildOptions, bounds_for, build, graph_specs
+from avg_edge.errors import BuildFolderError
+from avg_edge.manifest import load_manifest, sha256_file
+from avg_edge.model.tiny import textured_image
 
 runner = CliRunner()
 
@@ -48,7 +49,10 @@ def test_manifest_contents(fp32_build, tiny_ckpt):
     assert m.granularities == [36, 72, 144, 288, 576] and m.crop_size == 336
     assert m.pinpoints[0] == [336, 672] and m.has_router and m.context_length == 4096
     assert (m.bos_token_id, m.eos_token_id) == (1, 2)
-    assert m.chat_template["before_image"].endswith("USER: ") and "{question}" in m.chat_template["after_image"]
+    assert m.chat_template == {"name": "vicuna_v1", "system": C.VICUNA_V1_SYSTEM, "roles": ["USER", "ASSISTANT"],
+                               "sep": " ", "sep2": "</s>"}
+    roles = {(t["role"], t["layer"]) for t in m.graphs["decoder"]["inputs"]}
+    assert ("past_key", 1) in roles and ("past_value", 0) in roles and ("inputs_embeds", None) in roles
     assert set(m.files) == {p.name for p in out.iterdir() if p.name != C.MANIFEST_FILE}
     assert all(m.files[n]["sha256"] == sha256_file(out / n) for n in m.files)
     for graph, n_points in (("vision", 3), ("router", 3), ("decoder", 6)):
@@ -81,9 +85,8 @@ def test_onnx_graphs_reproduce_the_reference_greedy_answer(fp32_build, tiny_mode
     np.testing.assert_allclose(logits, np.array(ref.router_logits), atol=1e-4)
 
     emb = prep.inputs_embeds.numpy()
-    spec = result.manifest.spec("decoder")
     n_layers = tiny_model.config.text.num_hidden_layers
-    kv = {t.name: np.zeros((1, 4, 0, 16), np.float32) for t in spec.inputs[4:]}
+    kv = {f"past_key_values.{i}.{w}": np.zeros((1, 4, 0, 16), np.float32) for i in range(n_layers) for w in ("key", "value")}
     ids, pos = [], emb.shape[1]
     feeds = {"inputs_embeds": emb, "attention_mask": np.ones((1, pos), np.int64),
              "position_ids": np.arange(pos)[None], "logit_positions": np.array([pos - 1]), **kv}
@@ -150,7 +153,7 @@ def test_inspect_prints_manifest_and_io_tables(fp32_build):
     out, _, _ = fp32_build
     r = runner.invoke(export_app, ["inspect", str(out), "--verify"], terminal_width=200)
     assert r.exit_code == 0, r.output
-    assert "format 1, fp32, opset 18, context 4096, router: yes" in r.output
+    assert f"format {C.MANIFEST_FORMAT}, fp32, opset 18, context 4096, router: yes" in r.output
     assert "past_key_values.1.value" in r.output and "[1, 4, past_len[0..4095], 16]" in r.output
     assert "profile decode: seq_len 1/1/1" in r.output and "TensorRT engines: none" in r.output
 
@@ -163,7 +166,9 @@ def test_inspect_prints_manifest_and_io_tables(fp32_build):
     (["-m", "{ckpt}", "-o", "{tmp}/afile/o"], 2, "is a file, not a folder"),
     (["-m", "{ckpt}", "-o", "/proc/avg-edge-build"], 2, "cannot write the output"),
     (["-m", "{ckpt}", "-o", "{tmp}/o", "--backend", "trt"], 2, "pip install 'avg-edge[gpu]'"),
-    (["-m", "{ckpt}", "-o", "{tmp}/o", "--opset", "12"], 2, "--opset: expected 17..23, got 12"),
+    (["-m", "{ckpt}", "-o", "{tmp}/o", "--opset", "12"], 2, "--opset: fp32 builds use opsets 17..23, got 12"),
+    (["-m", "{ckpt}", "-o", "{tmp}/o", "--precision", "int4", "--opset", "18"], 2, "int4 builds use opsets 21..23"),
+    (["-m", "{ckpt}", "-o", "{tmp}/o", "--backend", "onnx"], 2, "('onnx' is now called 'ort')"),
 ])
 def test_build_errors_are_one_line_with_exit_codes(tiny_ckpt, tmp_path, args, code, match):
     (tmp_path / "exists").mkdir()
@@ -180,7 +185,7 @@ def test_inspect_errors(tmp_path):
     assert r.exit_code == 1 and "no manifest.json; not a complete build" in r.output
     (tmp_path / C.MANIFEST_FILE).write_text(json.dumps({"format_version": 99}))
     r = runner.invoke(export_app, ["inspect", str(tmp_path)], terminal_width=300)
-    assert r.exit_code == 1 and "build format version 99, this avg-edge reads version 1" in r.output
+    assert r.exit_code == 1 and f"build format version 99, this avg-edge reads version {C.MANIFEST_FORMAT}" in r.output
 
 
 def test_killed_build_leaves_previous_build_intact(fp32_build, tiny_ckpt, tmp_path):
@@ -208,15 +213,19 @@ def test_killed_build_leaves_previous_build_intact(fp32_build, tiny_ckpt, tmp_pa
     assert {p.name: sha256_file(p) for p in target.iterdir()} == before
     load_manifest(target, verify=True)
     leftovers = [p for p in target.parent.iterdir() if p != target]
-    assert all(p.name.startswith(".build.building-") for p in leftovers)
+    assert leftovers and all(p.name == f".build.building-{proc.pid}" for p in leftovers)
     for p in leftovers:                        # a half build is never accepted
         with pytest.raises(BuildFolderError, match="no manifest.json"):
             load_manifest(p)
+    # the next build into the same parent removes what the killed one left
+    build(BuildOptions(model=tiny_ckpt, output=target.parent / "other", max_context=256, validate=False, backend="ort"),
+          progress=lambda s: None)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["build", "other"]
 
 
 def test_default_model_is_the_demo_when_present(tmp_path, monkeypatch):
     import avg_edge.cli as cli
 
-    monkeypatch.setattr(cli, "DEMO_CHECKPOINT", tmp_path / "missing-demo")
+    monkeypatch.setattr(cli, "demo_checkpoint", lambda: tmp_path / "missing-demo")
     r = runner.invoke(export_app, ["build"], terminal_width=300)
     assert r.exit_code == 2 and "no -m given and the bundled demo model is missing" in r.output

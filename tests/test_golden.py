@@ -27,10 +27,10 @@ def _ask(generate, case):
 
 @pytest.fixture(scope="module")
 def demo_build(tmp_path_factory):
-    from avg_edge.export.build import BuildOptions, build
+    from avg_edge.export.exporter import BuildOptions, build
 
     out = tmp_path_factory.mktemp("demo") / "fp32"
-    build(BuildOptions(model=CHECKPOINT, output=out, validate=False, backend="onnx"), progress=lambda s: None)
+    build(BuildOptions(model=CHECKPOINT, output=out, validate=False, backend="ort"), progress=lambda s: None)
     return out
 
 
@@ -54,7 +54,7 @@ def test_onnx_runtime_matches_golden(demo_build):
 
 @pytest.mark.gpu
 def test_tensorrt_matches_golden(tmp_path):
-    from avg_edge.export.build import BuildOptions, build
+    from avg_edge.export.exporter import BuildOptions, build
     from avg_edge.runtime.pipeline import Pipeline
 
     build(BuildOptions(model=CHECKPOINT, output=tmp_path / "trt", backend="trt"), progress=lambda s: None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_CLIP, textured_image
+from avg_edge.model.tiny import TINY_CLIP, textured_image
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,7 +25,7 @@ def hf_folder(tmp_path_factory):
 
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    from conftest import randomize_
+    from avg_edge.model.tiny import randomize_
 
     vision = {k: v for k, v in TINY_CLIP.items() if k != "model_type"}
     text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -10,7 +10,7 @@ import pytest
 from avg_edge.errors import InputError
 from avg_edge.runtime.pipeline import Pipeline, TextStream
 from avg_edge.runtime.sampling import SamplingParams, next_token
-from conftest import textured_image
+from avg_edge.model.tiny import textured_image
 
 IMAGES = {"square": (672, 672), "tall": (300, 900), "wide": (1200, 300), "tiny": (20, 30)}
 QUESTIONS = ("What colour is the background?", "How many small dots are there?")
@@ -41,33 +41,24 @@ def test_greedy_tokens_equal_the_reference(pipe, tiny_model, image):
 
 
 def test_only_the_chosen_granularity_reaches_the_decoder(pipe):
-    seen = []
-    dec = pipe.backends["decoder"]
-    original = dec.infer_bound
+    from avg_edge.calibration.collect import RecordingBackend
 
-    def spy(feeds, to_host):
-        seen.append(feeds["inputs_embeds"].shape[1] if hasattr(feeds["inputs_embeds"], "shape") else None)
-        return original(feeds, to_host)
-
-    dec.infer_bound = spy
-    try:
-        r = pipe.generate(textured_image(640, 480), "What?", granularity=36, max_new_tokens=3)
-    finally:
-        del dec.infer_bound
+    recorders = {name: RecordingBackend(b, 100) for name, b in pipe.backends.items()}
+    r = pipe.with_backends(recorders).generate(textured_image(640, 480), "What?", granularity=36, max_new_tokens=3)
     assert r.visual_tokens == 166 and r.visual_tokens_full == 2340
-    before, after = __import__("avg_edge.runtime.chat", fromlist=["prompt_ids"]).prompt_ids(
-        pipe.tokenizer.encode, pipe.manifest.bos_token_id, "What?")
-    assert seen[0] == 166 + len(before) + len(after)                               # prefill: 166 visual + prompt
-    assert all(n == 1 for n in seen[1:])                                            # then one token per step
+    seen = [f["inputs_embeds"].shape[1] for f in recorders["decoder"].feeds]
+    prep = pipe.prepare(textured_image(640, 480), "What?", 36)
+    assert seen[0] == 166 + len(prep.ids_before) + len(prep.ids_after)              # prefill: 166 visual + prompt
+    assert seen[1:] == [1] * len(r.token_ids[1:])                                   # then one token per step
+    assert recorders["router"].feeds == []                                          # fixed granularity: no router
 
 
 def test_timings_are_filled(pipe):
     r = pipe.generate(textured_image(500, 400), "What colour is the background?", max_new_tokens=5)
     t = r.timings
     assert t.vision > 0 and t.router > 0 and t.prompt_eval > 0 and t.time_to_first_token > 0
-    assert t.prompt_eval_count == r.visual_tokens + 1 + len(pipe.tokenizer.encode(
-        pipe.manifest.chat_template["before_image"])) + len(pipe.tokenizer.encode(
-            pipe.manifest.chat_template["after_image"].format(question="What colour is the background?")))
+    before, after = pipe.template.render(["What colour is the background?"])
+    assert t.prompt_eval_count == r.visual_tokens + 1 + len(pipe.tokenizer.encode(before)) + len(pipe.tokenizer.encode(after))
     assert t.eval_count == len(r.token_ids) and 0 < t.backend < t.total and 0 < t.overhead_share < 1
 
 
@@ -79,16 +70,56 @@ def test_stream_pieces_join_to_the_text(pipe):
     assert sum(1 for p in pieces if p) > 3               # it really streams
 
 
-def test_stream_generator_returns_the_result(pipe):
+def test_stream_is_an_iterator_with_the_result_afterwards(pipe):
     gen = pipe.stream(textured_image(300, 300), "What?", max_new_tokens=4)
-    pieces = []
-    while True:
-        try:
-            pieces.append(next(gen))
-        except StopIteration as done:
-            result = done.value
-            break
-    assert "".join(pieces).strip() == result.text
+    assert gen.result is None
+    pieces = list(gen)
+    assert "".join(pieces).strip() == gen.result.text and gen.result.token_ids
+    assert gen.result.token_ids == pipe.generate(textured_image(300, 300), "What?", max_new_tokens=4).token_ids
+
+
+def test_steps_compose_to_generate(pipe):
+    """encode_image once, prepare at a granularity, decode: the same tokens as generate;
+    score is the answer's teacher-forced NLL (lower for the greedy answer than for another)."""
+    img = textured_image(500, 300, seed=5)
+    enc = pipe.encode_image(img)
+    for g in (36, 576):
+        prepared = pipe.prepare(enc, "What?", g)
+        ids = list(pipe.decode(prepared, max_new_tokens=5))
+        assert ids == pipe.generate(img, "What?", granularity=g, max_new_tokens=5).token_ids
+        greedy = ids[:2] if len(ids) >= 2 else ids + [pipe.manifest.eos_token_id]
+        other = [(greedy[0] + 7) % len(pipe.embed_table)] + greedy[1:]
+        assert pipe.score(prepared, greedy) < pipe.score(prepared, other)
+
+
+def test_changing_the_manifest_template_changes_the_prompt(tiny_build, tmp_path):
+    """The runtime builds prompts from the build's manifest, not from a constant."""
+    import json
+    import shutil
+
+    folder = tmp_path / "b"
+    shutil.copytree(tiny_build[0], folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["chat_template"]["system"] = "You answer in one word."
+    m["chat_template"]["roles"] = ["Human", "Bot"]
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with Pipeline.load(folder, backend="ort") as custom, Pipeline.load(tiny_build[0], backend="ort") as default:
+        img = textured_image(300, 200)
+        a, b = custom.prepare(img, "What?", 36), default.prepare(img, "What?", 36)
+        tok = custom.tokenizer
+        assert a.ids_before == [1, *tok.encode("You answer in one word. Human: ")]
+        assert a.ids_after == tok.encode("\nWhat? Bot:")
+        assert b.ids_before == [1, *tok.encode(default.template.system + " USER: ")]
+        assert a.embeds.shape != b.embeds.shape or not np.array_equal(a.embeds, b.embeds)
+
+
+def test_closed_pipeline_refuses_work(tiny_build):
+    from avg_edge.errors import BackendError
+
+    with Pipeline.load(tiny_build[0], backend="ort") as p:
+        p.generate(textured_image(100, 100), "What?", max_new_tokens=1)
+    with pytest.raises(BackendError, match="closed"):
+        p.generate(textured_image(100, 100), "What?", max_new_tokens=1)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(pipe):
@@ -108,6 +139,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(pipe):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"granularity": 100}, r"expected auto or one of \[36, 72, 144, 288, 576\]"),
+    ({"granularity": 36.0}, r"expected auto or one of"),
     ({"temperature": -1}, "temperature"), ({"top_k": 0}, "top_k"), ({"top_p": 1.5}, "top_p"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
 ])
@@ -145,7 +177,7 @@ def test_gpu_provider_fallback_is_loud(tiny_build, caplog):
 
 @pytest.mark.gpu
 def test_tensorrt_backend_matches_the_reference(tiny_ckpt, tiny_model, tmp_path):
-    from avg_edge.export.build import BuildOptions, build
+    from avg_edge.export.exporter import BuildOptions, build
 
     build(BuildOptions(model=tiny_ckpt, output=tmp_path / "trt", backend="trt", max_context=1024), progress=lambda s: None)
     trt_pipe = Pipeline.load(tmp_path / "trt", backend="trt")

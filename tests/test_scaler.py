@@ -9,7 +9,7 @@ import torch
 from avg_edge.model.scaler import pack_image, pool_granularity
 from avg_edge.runtime.packing import grid_hw, visual_token_count
 from avg_edge.runtime.preprocess import preprocess_image
-from conftest import textured_image
+from avg_edge.model.tiny import textured_image
 
 KERNELS = {576: (1, 1), 288: (1, 2), 144: (2, 2), 72: (2, 4), 36: (4, 4)}
 SPEC_COUNTS = {

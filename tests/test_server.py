@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from avg_edge.runtime.pipeline import Pipeline
-from conftest import textured_image
+from avg_edge.model.tiny import textured_image
 
 QUESTION = "What colour is the background?"
 
@@ -195,6 +195,6 @@ def test_bounded_load(server, expected):
     refused = [d for code, d in results if code == 503]
     assert len(ok) + len(refused) == 12, [c for c, _ in results]
     assert ok and all(d["choices"][0]["message"]["content"] == expected.text for d in ok)
-    assert all(d["error"]["code"] == "overloaded" for d in refused)
+    assert all(d["error"]["code"] == "busy" for d in refused)
     h = httpx.get(server.base + "/health").json()
     assert h["status"] == "ok" and h["in_flight"] == 0

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from avg_edge.model.config import AvgLlavaConfig, TextConfig, VisionConfig
 from avg_edge.model.llava import AvgLlavaModel
-from avg_edge.model.demo.data import QA, Sample, normalize
-from avg_edge.runtime.chat import prompt_ids
+from avg_edge.model.demo.data import QA, Sample
+from avg_edge.runtime.chat import DEFAULT_TEMPLATE, prompt_ids
 from avg_edge.runtime.preprocess import PreprocessedImage, preprocess_image
+from avg_edge.runtime.text import is_correct
 from avg_edge.runtime.tokenizer import Tokenizer
 
 
@@ -38,7 +39,7 @@ class Prompt:
 
 
 def encode_qa(tok: Tokenizer, config: AvgLlavaConfig, qa: QA) -> Prompt:
-    before, after = prompt_ids(tok.encode, config.text.bos_token_id, qa.question)
+    before, after = prompt_ids(tok.encode, config.text.bos_token_id, *DEFAULT_TEMPLATE.render([qa.question]))
     return Prompt(before, after, [*tok.encode(qa.answer), config.text.eos_token_id])
 
 
@@ -112,9 +113,9 @@ def answer_all(model: AvgLlavaModel, tok: Tokenizer, s: Sample, with_router: boo
             eb, ea = model.embed_ids(p.before), model.embed_ids(p.after)       # [Tb, D], [Ta, D]
             g, _ = model.choose(scaled, torch.cat([eb, ea]), setting)
             embeds = model.assemble(scaled, g, pre, eb, ea)[None]              # [1, N, D]
-            text = tok.decode(model.greedy(embeds, max_new_tokens=4))
+            text = tok.decode(model.greedy(embeds, max_new_tokens=4)[0])
             dt = time.perf_counter() - t1 + t_vision
             out.append(Answer(qa.kind, "router" if setting is None else str(setting), g,
-                              normalize(text) == normalize(qa.answer),
+                              is_correct(text, qa.answer),
                               embeds.shape[1] - len(p.before) - len(p.after), dt))
     return out

@@ -207,7 +207,3 @@ def sample(split: str, index: int, curriculum: int = 0) -> Sample:
 def training_qas(s: Sample) -> list[QA]:
     """Every phrasing of every question about a sample (more supervision per image)."""
     return [QA(kind, t, s.facts[kind]) for kind in KINDS if kind in s.facts for t in TEMPLATES[kind]]
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.lower().split())

@@ -35,7 +35,7 @@ from avg_edge.model.checkpoint import save_checkpoint
 from avg_edge.model.demo.core import answer_nll, demo_config, encode_image, encode_qa, scaled_from_tower
 from avg_edge.model.demo.data import sample, training_qas
 from avg_edge.model.demo.tokenizer import write_tokenizer
-from avg_edge.model.demo.validate import validate
+from avg_edge.model.demo.evaluate import evaluate
 from avg_edge.model.llava import AvgLlavaModel
 from avg_edge.model.rglf import rglf_loss
 from avg_edge.runtime.tokenizer import JsonTokenizer
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         with Progress(*cols) as bar:
             run_stage(tr, stage, steps, pool, args.lr[si], start, opt, bar)
         model.eval()
-        acc = validate(model, tok, "val", args.val)
+        acc = evaluate(model, tok, "val", args.val)
         tr.log({"stage": stage, "val": acc})
         print(stage, "val accuracy:", json.dumps(acc))
         if stage == "stage2":

@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from avg_edge.export.specs import GraphSpec
-from avg_edge.runtime.backends.base import Backend, BackendError
+from avg_edge.errors import BackendError
+from avg_edge.runtime.backends.base import Backend
+from avg_edge.specs import GraphSpec
 
 log = logging.getLogger("avg_edge")
 
@@ -95,14 +96,11 @@ class OrtBackend(Backend):
             raise BackendError(f"ONNX Runtime failed on {self.spec.name}: {str(e).splitlines()[0][:300]}") from e
 
     # -- IO binding: outputs stay as OrtValues on the device, fed back without copies --
-    def infer_bound(self, feeds: dict[str, Any], to_host: tuple[str, ...]) -> dict[str, Any]:
-        """Like infer, but inputs may be OrtValues and only `to_host` outputs become numpy;
-        the rest stay OrtValues (the KV cache never leaves the device)."""
-        import time
-
+    def _infer_kv_impl(self, feeds: dict[str, Any], to_host: tuple[str, ...]) -> dict[str, Any]:
+        """Inputs may be OrtValues; only `to_host` outputs become numpy, the rest stay
+        OrtValues (the KV cache never leaves the device)."""
         import onnxruntime as ort
 
-        t0 = time.perf_counter()
         binding = self.session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
@@ -115,10 +113,9 @@ class OrtBackend(Backend):
             self.session.run_with_iobinding(binding)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendError(f"ONNX Runtime failed on {self.spec.name}: {str(e).splitlines()[0][:300]}") from e
-        values = binding.get_outputs()
-        out = {}
-        for name, v in zip(self.spec.output_names, values):
-            out[name] = v.numpy() if name in to_host else v
-        self.last_inference_time = time.perf_counter() - t0
-        self.total_inference_time += self.last_inference_time
-        return out
+        return {name: (v.numpy() if name in to_host else v)
+                for name, v in zip(self.spec.output_names, binding.get_outputs())}
+
+    def close(self) -> None:
+        super().close()
+        self.session = None

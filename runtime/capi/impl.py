@@ -10,29 +10,15 @@ import threading
 from typing import Any
 
 from avg_edge import __version__
-from avg_edge.errors import AvgEdgeError, CheckpointError, ImageError, InputError, UsageError
-
-OK, ERR_ARGUMENT, ERR_BUILD, ERR_IMAGE, ERR_RUNTIME, ERR_CANCELLED, ERR_INTERNAL = range(7)
+from avg_edge.errors import C_OK, Cancelled, InputError, category_of, one_line
 
 
-class _Cancelled(Exception):
-    pass
+def code_for(e: BaseException) -> int:
+    """The C return code of any exception, from the one category table."""
+    return category_of(e).c_code
 
 
-def _code_for(e: BaseException, opening: bool) -> int:
-    from avg_edge.export.manifest import BuildFolderError
-
-    if isinstance(e, _Cancelled):
-        return ERR_CANCELLED
-    if isinstance(e, ImageError):
-        return ERR_IMAGE
-    if isinstance(e, (InputError, UsageError)):
-        return ERR_ARGUMENT
-    if isinstance(e, (BuildFolderError, CheckpointError)) or (opening and isinstance(e, AvgEdgeError)):
-        return ERR_BUILD
-    if isinstance(e, AvgEdgeError):
-        return ERR_RUNTIME
-    return ERR_INTERNAL
+INTERNAL = code_for(Exception())
 
 
 def install(ffi: Any, lib: Any) -> None:
@@ -43,9 +29,9 @@ def install(ffi: Any, lib: Any) -> None:
     version = ffi.new("char[]", __version__.encode())
     empty = ffi.new("char[]", b"")
 
-    def fail(code: int, message: str) -> int:
-        tls.error = ffi.new("char[]", message.encode("utf-8", "replace"))
-        return code
+    def fail(e: BaseException) -> int:
+        tls.error = ffi.new("char[]", one_line(e).encode("utf-8", "replace"))
+        return code_for(e)
 
     def text(ptr: Any, what: str) -> str:
         if ptr == ffi.NULL:
@@ -76,7 +62,7 @@ def install(ffi: Any, lib: Any) -> None:
                 raise InputError("ctx: not an open context (already closed?)")
             return contexts[key]
 
-    @ffi.def_extern(error=ERR_INTERNAL)
+    @ffi.def_extern(error=INTERNAL)
     def avg_edge_open(build_dir, options_json, out_ctx):  # noqa: ANN001
         tls.error = None
         try:
@@ -100,11 +86,11 @@ def install(ffi: Any, lib: Any) -> None:
                 key = next(ids)
                 contexts[key] = (pipe, threading.Lock())
             out_ctx[0] = ffi.cast("avg_edge_ctx *", key)
-            return OK
+            return C_OK
         except BaseException as e:  # noqa: BLE001 - nothing may cross into C
-            return fail(_code_for(e, opening=True), str(e) or type(e).__name__)
+            return fail(e)
 
-    @ffi.def_extern(error=ERR_INTERNAL)
+    @ffi.def_extern(error=INTERNAL)
     def avg_edge_run(ctx, image, image_len, question, params_json, on_token, user_data, result_json):  # noqa: ANN001
         tls.error = None
         try:
@@ -122,7 +108,7 @@ def install(ffi: Any, lib: Any) -> None:
 
             def on_text(piece: str) -> None:
                 if on_token != ffi.NULL and on_token(ffi.new("char[]", piece.encode("utf-8")), user_data) != 0:
-                    raise _Cancelled("cancelled by the token callback")
+                    raise Cancelled("cancelled by the token callback")
 
             from avg_edge.runtime.sampling import SamplingParams
 
@@ -142,9 +128,9 @@ def install(ffi: Any, lib: Any) -> None:
                     raise MemoryError("malloc failed for the result")
                 ffi.memmove(buf, raw, len(raw))
                 result_json[0] = ffi.cast("char *", buf)
-            return OK
+            return C_OK
         except BaseException as e:  # noqa: BLE001
-            return fail(_code_for(e, opening=False), str(e) or type(e).__name__)
+            return fail(e)
 
     @ffi.def_extern()
     def avg_edge_free_string(s):  # noqa: ANN001
@@ -160,16 +146,16 @@ def install(ffi: Any, lib: Any) -> None:
     def avg_edge_version():
         return version
 
-    @ffi.def_extern(error=ERR_INTERNAL)
+    @ffi.def_extern(error=INTERNAL)
     def avg_edge_close(ctx):  # noqa: ANN001
         tls.error = None
         if ctx == ffi.NULL:
-            return OK
+            return C_OK
         key = int(ffi.cast("uintptr_t", ctx))
         with registry_lock:
             entry = contexts.pop(key, None)
         if entry is None:
-            return fail(ERR_ARGUMENT, "ctx: not an open context (already closed?)")
+            return fail(InputError("ctx: not an open context (already closed?)"))
         with entry[1]:  # wait for a run in progress
             pass
-        return OK
+        return C_OK

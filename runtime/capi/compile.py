@@ -1,6 +1,6 @@
 """Build libavg_edge.so with cffi's embedding mode.
 
-    python -m avg_edge.runtime.capi.build [--out build/capi]
+    python -m avg_edge.runtime.capi.compile [--out build/capi]
 
 The library embeds this Python: its init code adds the site-packages folders of the
 interpreter that built it (so the avg_edge package and its dependencies are found
@@ -17,10 +17,11 @@ import site
 import sys
 import sysconfig
 import tempfile
+from importlib.resources import files
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-HEADER = ROOT / "include" / "avg_edge.h"
+# The header ships inside the package (the wheel carries it); a regular install has it on disk.
+HEADER = Path(str(files("avg_edge").joinpath("include", "avg_edge.h")))
 MODULE = "_avg_edge_capi"
 
 
@@ -101,7 +102,7 @@ def build_library(out_dir: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "build" / "capi")
+    ap.add_argument("--out", type=Path, default=Path("build") / "capi")
     args = ap.parse_args()
     path = build_library(args.out)
     print(path)

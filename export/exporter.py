@@ -1,15 +1,14 @@
 """`avg-export build`: checkpoint folder -> build folder (ONNX graphs, tables, tokenizer,
 manifest, TensorRT engines where possible).
 
-Everything is written into a hidden temporary sibling folder that is renamed into place
-at the very end, so a failed or killed build leaves the previous build untouched and
-no folder the runtime would accept (the manifest is the last file written).
+Everything is written through `manifest.BuildCommit`: into a hidden sibling folder that is
+renamed into place at the very end, so a failed or killed build leaves the previous build
+untouched and no folder the runtime would accept (the manifest is the last file written).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,23 +19,15 @@ import torch
 
 from avg_edge import __version__
 from avg_edge import constants as C
-from avg_edge.errors import AvgEdgeError, UsageError
-from avg_edge.export import specs as S
-from avg_edge.export.manifest import Manifest
-from avg_edge.export.validate import GraphValidation, validate_graph, validate_wrapper
-from avg_edge.runtime.chat import TEMPLATE_AFTER_IMAGE, TEMPLATE_BEFORE_IMAGE
+from avg_edge import specs as S
+from avg_edge.errors import AvgEdgeError, BackendUnavailable, BuildError, UsageError
+from avg_edge.manifest import BuildCommit, Manifest
+from avg_edge.precision import Precision, precision
+from avg_edge.runtime.chat import DEFAULT_TEMPLATE
 from avg_edge.runtime.packing import visual_token_count
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-QUANTIZED = ("int8", "int4")
-BACKENDS = ("auto", "onnx", "trt")
-DEFAULT_OPSET = 18          # what torch's exporter emits best and TensorRT 10.3 parses (opsets 9..20)
-SUPPORTED_OPSETS = range(17, 24)
-DTYPES = {"fp32": ("float32", torch.float32), "fp16": ("float16", torch.float16)}
-
-
-class BuildError(AvgEdgeError):
-    """The build ran and failed (validation beyond tolerance, exporter failure)."""
+BACKENDS = ("auto", "ort", "trt")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -47,10 +38,18 @@ class BuildOptions:
     backend: str = "auto"
     max_crops: int | None = None
     max_context: int | None = None
-    opset: int = DEFAULT_OPSET
+    opset: int | None = None                 # None: the precision's default (precision.PRECISIONS)
     validate: bool = True
     force: bool = False
     timing_cache: Path | None = None
+
+    @property
+    def precision_info(self) -> Precision:
+        return precision(self.precision)
+
+    @property
+    def resolved_opset(self) -> int:
+        return self.precision_info.opset(self.opset)
 
 
 @dataclass
@@ -74,16 +73,25 @@ class BuildResult:
 
 def check_options(o: BuildOptions) -> None:
     """Usage errors, before any work."""
-    if o.precision not in PRECISIONS:
-        raise UsageError(f"--precision: expected one of {list(PRECISIONS)}, got {o.precision!r}")
+    p = o.precision_info
     if o.backend not in BACKENDS:
-        raise UsageError(f"--backend: expected one of {list(BACKENDS)}, got {o.backend!r}")
-    if o.opset not in SUPPORTED_OPSETS:
-        raise UsageError(f"--opset: expected {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {o.opset}")
+        hint = " ('onnx' is now called 'ort')" if o.backend == "onnx" else ""
+        raise UsageError(f"--backend: expected one of {list(BACKENDS)}, got {o.backend!r}{hint}")
+    p.opset(o.opset)
     if not Path(o.model).is_dir():
         raise UsageError(f"model folder not found: {o.model} (expected a local checkpoint folder with config.json)")
-    out = Path(o.output)
-    if out.exists() and not o.force:
+    check_output(Path(o.output), o.force)
+    if o.backend == "trt":
+        from avg_edge.runtime.backends.trt_backend import probe
+
+        try:
+            probe()
+        except BackendUnavailable as e:
+            raise BackendUnavailable(f"--backend trt: {e}") from e
+
+
+def check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
         raise UsageError(f"output folder {out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a folder")
@@ -94,13 +102,6 @@ def check_options(o: BuildOptions) -> None:
         raise UsageError(f"cannot write the output {out}: {nearest} is a file, not a folder")
     if not os.access(nearest, os.W_OK):
         raise UsageError(f"cannot write the output {out}: {nearest} is not writable")
-    if o.backend == "trt":
-        from avg_edge.export.tensorrt_build import TensorRTUnavailable, probe
-
-        try:
-            probe()
-        except TensorRTUnavailable as e:
-            raise UsageError(f"--backend trt: {e}") from e
 
 
 def bounds_for(config, max_crops: int | None, max_context: int | None) -> S.Bounds:
@@ -118,8 +119,8 @@ def bounds_for(config, max_crops: int | None, max_context: int | None) -> S.Boun
                     min_visual=config.granularities[0], max_visual=max_visual)
 
 
-def graph_specs(config, b: S.Bounds, precision: str) -> dict[str, S.GraphSpec]:
-    dt = DTYPES["fp32" if precision in QUANTIZED else precision][0]   # quantized graphs keep fp32 I/O
+def graph_specs(config, b: S.Bounds, precision_name: str) -> dict[str, S.GraphSpec]:
+    dt = precision(precision_name).float_dtype           # quantized graphs keep fp32 I/O
     t = config.text
     out = {S.VISION: S.vision_spec(t.hidden_size, config.granularities, b, config.crop_size, dt)}
     if config.has_router:
@@ -138,27 +139,24 @@ def tool_versions() -> dict[str, str]:
 
 
 def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResult:
-    from avg_edge.export.graphs import DecoderGraph, RouterGraph, VisionGraph, to_precision
+    """An fp32 or fp16 build (int8/int4: calibration.quantized_build.build_quantized)."""
+    from avg_edge.export.graphs import graph_module, to_precision
     from avg_edge.export.onnx_export import export_graph
     from avg_edge.export.tokenizer_json import write_tokenizer_json
+    from avg_edge.export.validate import GraphValidation, validate_graph, validate_wrapper
     from avg_edge.model import load_model
 
     check_options(o)
-    if o.precision in QUANTIZED:
-        raise UsageError(f"--precision {o.precision}: use avg_edge.calibration.build.build_quantized")
+    p = o.precision_info
+    if p.quantizer is not None:
+        raise UsageError(f"--precision {o.precision}: use avg_edge.calibration.quantized_build.build_quantized")
+    opset = o.resolved_opset
     start = time.perf_counter()
     out = Path(o.output)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as e:
-        raise UsageError(f"cannot write the output {out}: {e.strerror or e}") from e
     steps = _Steps(progress)
     done = steps.done
-
-    try:
+    with BuildCommit(out) as commit:
+        tmp = commit.folder
         t0 = time.perf_counter()
         model = load_model(o.model)
         config = model.config
@@ -171,32 +169,30 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResu
         how = write_tokenizer_json(Path(o.model), tmp / C.TOKENIZER_JSON_FILE)
         done(f"tokenizer.json {how}", t0)
 
-        torch_dtype = DTYPES[o.precision][1]
+        torch_dtype = TORCH_DTYPES[p.float_dtype]
         export_model = to_precision(model, torch_dtype)
-        wrappers = {S.VISION: VisionGraph, S.ROUTER: RouterGraph, S.DECODER: DecoderGraph}
         for name, spec in specs.items():
             t0 = time.perf_counter()
-            export_graph(wrappers[name](export_model), spec, tmp, o.opset)
-            done(f"exported {spec.file} ({o.precision}, opset {o.opset})", t0)
+            export_graph(graph_module(name, export_model, spec), spec, tmp, opset)
+            done(f"exported {spec.file} ({o.precision}, opset {opset})", t0)
         del export_model
 
         t0 = time.perf_counter()
-        np_dtype = DTYPES[o.precision][0]
         table = model.language_model.get_input_embeddings().weight.detach().to(torch_dtype).numpy()
         np.save(tmp / C.EMBED_TABLE_FILE, table, allow_pickle=False)
         np.save(tmp / C.IMAGE_NEWLINE_FILE, model.image_newline.detach().to(torch_dtype).numpy(), allow_pickle=False)
-        done(f"wrote {C.EMBED_TABLE_FILE} {list(table.shape)} and {C.IMAGE_NEWLINE_FILE} ({np_dtype})", t0)
+        done(f"wrote {C.EMBED_TABLE_FILE} {list(table.shape)} and {C.IMAGE_NEWLINE_FILE} ({p.float_dtype})", t0)
 
         t0 = time.perf_counter()
         validation: dict[str, GraphValidation] = {}
         wrapper_diff = None
         if o.validate:
             for name, spec in specs.items():
-                v = validate_graph(wrappers[name](model), spec, tmp / spec.file, o.precision)
+                v = validate_graph(graph_module(name, model, spec), spec, tmp / spec.file, p)
                 validation[name] = v
                 detail = v.reason if v.status == "skipped" else f"max abs diff {v.max_abs_diff:.2e} over {len(v.points)} points"
                 progress(f"      {name}: {v.status}, {detail}")
-            wrapper_diff = validate_wrapper(model, DecoderGraph(model), config.hidden_size)
+            wrapper_diff = validate_wrapper(model, specs[S.DECODER])
             progress(f"      decoder code vs transformers' Llama: max abs diff {wrapper_diff:.2e}")
             done("validated against PyTorch", t0)
         else:
@@ -209,16 +205,16 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResu
         t0 = time.perf_counter()
         engines, trt_info = build_engines(o, specs, tmp, notes) if not failed else ({}, None)
         if engines and o.validate:
-            engine_checks = validate_engines(model, specs, tmp, engines, trt_info, o.precision, progress)
+            engine_checks = validate_engines(model, specs, tmp, engines, trt_info, p, progress)
             validation.update(engine_checks)
             failed += [n for n, v in engine_checks.items() if v.status == "failed"]
         done("TensorRT: " + ("built " + ", ".join(engines.values()) if engines else notes[-1] if notes else "skipped"), t0)
 
         manifest = Manifest(
-            format_version=C.MANIFEST_FORMAT, precision=o.precision, opset=o.opset,
+            format_version=C.MANIFEST_FORMAT, precision=o.precision, opset=opset,
             granularities=list(config.granularities), pinpoints=[list(p) for p in config.pinpoints],
             crop_size=config.crop_size, image_mean=list(config.image_mean), image_std=list(config.image_std),
-            chat_template={"name": "vicuna_v1", "before_image": TEMPLATE_BEFORE_IMAGE, "after_image": TEMPLATE_AFTER_IMAGE},
+            chat_template=DEFAULT_TEMPLATE.to_dict(),
             bos_token_id=config.text.bos_token_id, eos_token_id=config.text.eos_token_id,
             context_length=b.max_context, hidden_size=config.hidden_size, has_router=config.has_router,
             graphs={n: s.to_dict() for n, s in specs.items()},
@@ -234,14 +230,9 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResu
                              f"the previous build at {out} is untouched (use --no-validate to keep such a build)")
 
         t0 = time.perf_counter()
-        manifest.record_files(tmp)
-        (tmp / C.MANIFEST_FILE).write_text(manifest.to_json())
-        swap_into_place(tmp, out)
+        commit.finish(manifest)
         done(f"wrote {out}", t0)
         return BuildResult(out, manifest, rows, time.perf_counter() - start, notes)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class _Steps:
@@ -262,25 +253,24 @@ def graph_bytes(folder: Path, file: str) -> int:
 def build_engines(o: BuildOptions, specs: dict[str, S.GraphSpec], tmp: Path, notes: list[str]):
     """Engines beside the ONNX files.  With --backend auto a missing TensorRT or a failed
     engine build leaves a valid ONNX build and a note; with --backend trt it fails."""
-    if o.backend == "onnx":
-        notes.append("engines not requested (--backend onnx)")
+    if o.backend == "ort":
+        notes.append("engines not requested (--backend ort)")
         return {}, None
-    from avg_edge.export.tensorrt_build import TensorRTUnavailable, build_engine, probe, timing_cache_path
+    from avg_edge.runtime.backends.trt_backend import build_engine, engine_file, probe, timing_cache_path
 
     try:
         gpu = probe()
-    except TensorRTUnavailable as e:
+    except BackendUnavailable as e:
         if o.backend == "trt":
-            raise UsageError(f"--backend trt: {e}") from e
+            raise BackendUnavailable(f"--backend trt: {e}") from e
         notes.append(f"engines skipped: {e}")
         return {}, None
     cache = o.timing_cache or timing_cache_path(gpu)
     cache.parent.mkdir(parents=True, exist_ok=True)
     engines = {}
     for name, spec in specs.items():
-        engine_file = spec.file.replace(".onnx", ".engine")
         try:
-            build_engine(tmp / spec.file, spec, tmp / engine_file, cache)
+            build_engine(tmp / spec.file, spec, tmp / engine_file(spec), cache)
         except AvgEdgeError as e:
             if o.backend == "trt":
                 raise
@@ -288,34 +278,22 @@ def build_engines(o: BuildOptions, specs: dict[str, S.GraphSpec], tmp: Path, not
                 (tmp / f).unlink(missing_ok=True)
             notes.append(f"engines skipped: {e}")
             return {}, None
-        engines[name] = engine_file
-    info = {"version": gpu.tensorrt_version, "gpu": gpu.name, "compute_capability": gpu.compute_capability,
-            "timing_cache": str(cache)}
-    return engines, info
+        engines[name] = engine_file(spec)
+    return engines, gpu.to_manifest(cache)
 
 
 def validate_engines(model, specs: dict[str, S.GraphSpec], tmp: Path, engines: dict[str, str], trt_info: dict,
-                     precision: str, progress: Callable[[str], None]) -> dict[str, GraphValidation]:
+                     p: Precision, progress: Callable[[str], None]):
     """TensorRT engines against PyTorch at the same points as the ONNX validation."""
-    from avg_edge.export.graphs import DecoderGraph, RouterGraph, VisionGraph
+    from avg_edge.export.graphs import graph_module
+    from avg_edge.export.validate import validate_graph
     from avg_edge.runtime.backends.trt_backend import TrtBackend
 
-    wrappers = {S.VISION: VisionGraph, S.ROUTER: RouterGraph, S.DECODER: DecoderGraph}
     out = {}
     for name, engine in engines.items():
-        backend = TrtBackend(specs[name], tmp / engine, trt_info)
-        run = lambda feeds, b=backend: list(b.infer(feeds).values())  # noqa: E731
-        v = validate_graph(wrappers[name](model), specs[name], tmp / specs[name].file, precision, runner=run)
+        with TrtBackend(specs[name], tmp / engine, trt_info) as backend:
+            run = lambda feeds, b=backend: [b.infer(feeds)[n] for n in specs[name].output_names]  # noqa: E731
+            v = validate_graph(graph_module(name, model, specs[name]), specs[name], tmp / specs[name].file, p, runner=run)
         progress(f"      {engine}: {v.status}, max abs diff {v.max_abs_diff:.2e} over {len(v.points)} points")
         out[f"{name}.engine"] = v
     return out
-
-
-def swap_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)

@@ -39,6 +39,6 @@ def summarize(answers: list[Answer]) -> dict[str, dict[str, float]]:
     return table
 
 
-def validate(model: AvgLlavaModel, tok: Tokenizer, split: str, images: int) -> dict[str, dict[str, float]]:
+def evaluate(model: AvgLlavaModel, tok: Tokenizer, split: str, images: int) -> dict[str, dict[str, float]]:
     return {s: {k: round(v, 1) if k != "seconds" else round(v, 4) for k, v in d.items()}
             for s, d in summarize(collect(model, tok, split, images)).items()}

@@ -1,23 +1,33 @@
-"""One declarative spec per graph: I/O names, dtypes and named axes with min/opt/max.
+"""One declarative spec per graph: I/O names, dtypes, named axes with min/opt/max, and
+each tensor's role ("past key of layer i").
 
 The exporter's dynamic shapes and dummy inputs, the validation points, the TensorRT
-optimisation profiles, the runtime's input checks and the `inspect` I/O table all
-come from here.  Torch-free (the runtime reads specs back from the manifest).
+optimisation profiles, the runtime's input checks, `avg-export inspect` and README's
+I/O tables all come from here; the decoder's KV convention lives only in
+`DecoderRoles`.  Part of the build-folder contract (the manifest stores the specs);
+torch-free.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any, Iterator
 
 import numpy as np
 
 from avg_edge import constants as C
+from avg_edge.errors import InputError
 
 VISION, ROUTER, DECODER = "vision", "router", "decoder"
-SCORING_LOGITS = 256      # most positions whose logits one prefill returns
 GRAPHS = (VISION, ROUTER, DECODER)
+SCORING_LOGITS = 256      # most positions whose logits one prefill returns
+
+# Tensor roles.  KV roles carry the layer in TensorSpec.layer.
+PIXEL_VALUES, FEATURES, TEXT_EMBEDS, ROUTER_LOGITS = "pixel_values", "features", "text_embeds", "router_logits"
+INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS, LOGIT_POSITIONS = "inputs_embeds", "attention_mask", "position_ids", "logit_positions"
+PAST_KEY, PAST_VALUE, LOGITS, PRESENT_KEY, PRESENT_VALUE = "past_key", "past_value", "logits", "present_key", "present_value"
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,8 @@ class TensorSpec:
     name: str
     dtype: str                 # numpy dtype name: "float32", "float16", "int64"
     shape: tuple[Any, ...]     # ints (fixed) and axis names (dynamic)
+    role: str = ""             # what the tensor is (see the role constants above)
+    layer: int | None = None   # decoder layer of a KV tensor
 
 
 @dataclass(frozen=True)
@@ -91,10 +103,8 @@ class GraphSpec:
             )
         return out
 
-    def check_inputs(self, feeds: dict[str, np.ndarray]) -> None:
+    def check_inputs(self, feeds: dict[str, Any]) -> None:
         """Names, dtypes, fixed sizes and axis bounds; consistent axis values across inputs."""
-        from avg_edge.errors import InputError
-
         missing = [n for n in self.input_names if n not in feeds]
         extra = [n for n in feeds if n not in self.input_names]
         if missing or extra:
@@ -105,7 +115,7 @@ class GraphSpec:
             arr = feeds[t.name]
             if str(arr.dtype) != t.dtype:
                 raise InputError(f"{self.name}.{t.name}: expected dtype {t.dtype}, got {arr.dtype}")
-            if arr.ndim != len(t.shape):
+            if len(arr.shape) != len(t.shape):
                 raise InputError(f"{self.name}.{t.name}: expected shape {list(t.shape)}, got {list(arr.shape)}")
             for d, n in zip(t.shape, arr.shape):
                 if isinstance(d, int):
@@ -128,7 +138,7 @@ class GraphSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GraphSpec":
         def ts(x: dict) -> TensorSpec:
-            return TensorSpec(x["name"], x["dtype"], tuple(x["shape"]))
+            return TensorSpec(x["name"], x["dtype"], tuple(x["shape"]), x.get("role", ""), x.get("layer"))
 
         return cls(
             name=d["name"],
@@ -164,6 +174,79 @@ def markdown_io_table(spec: GraphSpec) -> str:
 
 
 @dataclass(frozen=True)
+class KVPair:
+    """One cache tensor of one layer: what the decoder reads (past) and returns (present)."""
+
+    layer: int
+    past: str
+    present: str
+
+
+@dataclass(frozen=True)
+class DecoderRoles:
+    """The decoder's I/O by role: the one place that knows the KV convention.  Builds the
+    feeds of an empty past, a prefill and a decode step, and maps presents to pasts."""
+
+    spec: GraphSpec
+
+    @cached_property
+    def _by_role(self) -> dict[tuple[str, int | None], TensorSpec]:
+        return {(t.role, t.layer): t for t in (*self.spec.inputs, *self.spec.outputs)}
+
+    def name(self, role: str, layer: int | None = None) -> str:
+        try:
+            return self._by_role[(role, layer)].name
+        except KeyError:
+            raise InputError(f"{self.spec.name}: no tensor with role {role!r}"
+                             + ("" if layer is None else f" for layer {layer}")) from None
+
+    @cached_property
+    def kv(self) -> tuple[KVPair, ...]:
+        """Every past/present pair, in the graph's input order."""
+        out = []
+        for t in self.spec.inputs:
+            if t.role in (PAST_KEY, PAST_VALUE):
+                present = PRESENT_KEY if t.role == PAST_KEY else PRESENT_VALUE
+                out.append(KVPair(t.layer, t.name, self.name(present, t.layer)))
+        return tuple(out)
+
+    @property
+    def layers(self) -> int:
+        return len({p.layer for p in self.kv})
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the embeddings the decoder takes (the build's float type)."""
+        return np.dtype(self._by_role[(INPUTS_EMBEDS, None)].dtype)
+
+    def empty_past(self) -> dict[str, np.ndarray]:
+        return {t.name: np.zeros(self.spec.shape_of(t, {C.AXIS_PAST: 0}), dtype=t.dtype)
+                for t in self.spec.inputs if t.role in (PAST_KEY, PAST_VALUE)}
+
+    def prefill_feeds(self, embeds: np.ndarray, logit_positions: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """embeds [1, N, D] with no past; logits at the last position unless told."""
+        n = embeds.shape[1]
+        if logit_positions is None:
+            logit_positions = np.array([n - 1], np.int64)
+        return {self.name(INPUTS_EMBEDS): embeds, self.name(ATTENTION_MASK): np.ones((1, n), np.int64),
+                self.name(POSITION_IDS): np.arange(n, dtype=np.int64)[None],
+                self.name(LOGIT_POSITIONS): np.asarray(logit_positions, np.int64), **self.empty_past()}
+
+    def step_feeds(self, embed: np.ndarray, position: int, past: dict[str, Any]) -> dict[str, Any]:
+        """One new token's embedding [1, 1, D] at `position` after `past` (by past name)."""
+        return {self.name(INPUTS_EMBEDS): embed, self.name(ATTENTION_MASK): np.ones((1, position + 1), np.int64),
+                self.name(POSITION_IDS): np.array([[position]], np.int64),
+                self.name(LOGIT_POSITIONS): np.zeros(1, np.int64), **past}
+
+    def next_past(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """The presents a step returned, renamed as the next step's pasts."""
+        return {p.past: outputs[p.present] for p in self.kv}
+
+    def logits(self, outputs: dict[str, Any]) -> Any:
+        return outputs[self.name(LOGITS)]
+
+
+@dataclass(frozen=True)
 class Bounds:
     """What a build supports: crops per image and the decoder's context."""
 
@@ -182,8 +265,8 @@ def vision_spec(hidden: int, granularities: tuple[int, ...], b: Bounds, crop: in
     crops = Axis(C.AXIS_CROPS, 1, min(3, b.max_crops), b.max_crops)
     return GraphSpec(
         VISION,
-        inputs=(TensorSpec("pixel_values", dtype, (C.AXIS_CROPS, 3, crop, crop)),),
-        outputs=tuple(TensorSpec(feature_name(g), dtype, (C.AXIS_CROPS, g, hidden)) for g in granularities),
+        inputs=(TensorSpec("pixel_values", dtype, (C.AXIS_CROPS, 3, crop, crop), PIXEL_VALUES),),
+        outputs=tuple(TensorSpec(feature_name(g), dtype, (C.AXIS_CROPS, g, hidden), FEATURES) for g in granularities),
         profiles=(Profile("default", {C.AXIS_CROPS: crops}),),
     )
 
@@ -193,9 +276,9 @@ def router_spec(hidden: int, granularities: tuple[int, ...], b: Bounds, dtype: s
     text = Axis(C.AXIS_TEXT, 1, min(b.text_opt, b.max_context), b.max_context)
     return GraphSpec(
         ROUTER,
-        inputs=tuple(TensorSpec(feature_name(g), dtype, (C.AXIS_CROPS, g, hidden)) for g in granularities)
-        + (TensorSpec("text_embeds", dtype, (C.AXIS_TEXT, hidden)),),
-        outputs=(TensorSpec("logits", "float32", (len(granularities),)),),
+        inputs=tuple(TensorSpec(feature_name(g), dtype, (C.AXIS_CROPS, g, hidden), FEATURES) for g in granularities)
+        + (TensorSpec("text_embeds", dtype, (C.AXIS_TEXT, hidden), TEXT_EMBEDS),),
+        outputs=(TensorSpec("logits", "float32", (len(granularities),), ROUTER_LOGITS),),
         profiles=(Profile("default", {C.AXIS_CROPS: crops, C.AXIS_TEXT: text}),),
     )
 
@@ -205,15 +288,17 @@ def decoder_spec(hidden: int, layers: int, kv_heads: int, head_dim: int, vocab: 
     kv = (1, kv_heads, C.AXIS_PAST, head_dim)
     kv_out = (1, kv_heads, C.AXIS_TOTAL, head_dim)
     inputs = [
-        TensorSpec("inputs_embeds", dtype, (1, C.AXIS_SEQ, hidden)),
-        TensorSpec("attention_mask", "int64", (1, C.AXIS_TOTAL)),
-        TensorSpec("position_ids", "int64", (1, C.AXIS_SEQ)),
-        TensorSpec("logit_positions", "int64", (C.AXIS_LOGITS,)),
+        TensorSpec("inputs_embeds", dtype, (1, C.AXIS_SEQ, hidden), INPUTS_EMBEDS),
+        TensorSpec("attention_mask", "int64", (1, C.AXIS_TOTAL), ATTENTION_MASK),
+        TensorSpec("position_ids", "int64", (1, C.AXIS_SEQ), POSITION_IDS),
+        TensorSpec("logit_positions", "int64", (C.AXIS_LOGITS,), LOGIT_POSITIONS),
     ]
-    outputs = [TensorSpec("logits", "float32", (1, C.AXIS_LOGITS, vocab))]
+    outputs = [TensorSpec("logits", "float32", (1, C.AXIS_LOGITS, vocab), LOGITS)]
     for i in range(layers):
-        inputs += [TensorSpec(C.past_key_name(i), dtype, kv), TensorSpec(C.past_value_name(i), dtype, kv)]
-        outputs += [TensorSpec(C.present_key_name(i), dtype, kv_out), TensorSpec(C.present_value_name(i), dtype, kv_out)]
+        inputs += [TensorSpec(C.past_key_name(i), dtype, kv, PAST_KEY, i),
+                   TensorSpec(C.past_value_name(i), dtype, kv, PAST_VALUE, i)]
+        outputs += [TensorSpec(C.present_key_name(i), dtype, kv_out, PRESENT_KEY, i),
+                    TensorSpec(C.present_value_name(i), dtype, kv_out, PRESENT_VALUE, i)]
     # The image bounds the prefill: at least the coarsest granularity's tokens, at most the context.
     prefill_seq = Axis(C.AXIS_SEQ, min(b.min_visual, ctx), min(b.min_visual + b.text_opt, ctx), ctx)
     prefill = Profile("prefill", {
@@ -265,18 +350,18 @@ def with_derived(sizes: dict[str, int]) -> dict[str, int]:
 
 
 def make_feeds(spec: GraphSpec, sizes: dict[str, int], rng: np.random.Generator, dtype: str | None = None) -> dict[str, np.ndarray]:
-    """Inputs that make sense for each tensor: normal floats, a full attention mask,
+    """Inputs that make sense for each tensor's role: normal floats, a full attention mask,
     positions that continue the past, logits for the last K positions."""
     sizes = with_derived(sizes)
     feeds: dict[str, np.ndarray] = {}
     for t in spec.inputs:
         shape = spec.shape_of(t, sizes)
-        if t.name == "attention_mask":
+        if t.role == ATTENTION_MASK:
             feeds[t.name] = np.ones(shape, np.int64)
-        elif t.name == "position_ids":
+        elif t.role == POSITION_IDS:
             past = sizes.get(C.AXIS_PAST, 0)
             feeds[t.name] = (past + np.arange(shape[1], dtype=np.int64))[None]
-        elif t.name == "logit_positions":
+        elif t.role == LOGIT_POSITIONS:
             seq = sizes[C.AXIS_SEQ]
             feeds[t.name] = np.arange(seq - shape[0], seq, dtype=np.int64)
         else:

@@ -1,0 +1,235 @@
+"""manifest.json: what a build folder holds and how to use it, and the one way a build
+folder is written (`BuildCommit`: into a hidden sibling, manifest last, renamed into
+place).  Part of the build-folder contract; torch-free (the runtime reads it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avg_edge import constants as C
+from avg_edge.errors import BuildFolderError, UsageError
+from avg_edge.specs import GraphSpec
+
+REBUILD = "rebuild with avg-export build"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# Required manifest keys and their JSON types (a bad build folder is named by key, not by a KeyError).
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "format_version": int, "precision": str, "opset": int, "granularities": list, "pinpoints": list,
+    "crop_size": int, "image_mean": list, "image_std": list, "chat_template": dict, "bos_token_id": int,
+    "eos_token_id": int, "context_length": int, "hidden_size": int, "has_router": bool, "graphs": dict,
+}
+
+
+@dataclass
+class Manifest:
+    format_version: int
+    precision: str
+    opset: int
+    granularities: list[int]
+    pinpoints: list[list[int]]                  # (width, height)
+    crop_size: int
+    image_mean: list[float]
+    image_std: list[float]
+    chat_template: dict[str, Any]               # runtime.chat.ChatTemplate fields
+    bos_token_id: int
+    eos_token_id: int
+    context_length: int
+    hidden_size: int
+    has_router: bool
+    graphs: dict[str, dict[str, Any]]           # name -> GraphSpec.to_dict()
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)   # name -> {sha256, bytes}
+    validation: dict[str, Any] = field(default_factory=dict)
+    tools: dict[str, str] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    tensorrt: dict[str, Any] | None = None
+    engines: dict[str, str] = field(default_factory=dict)             # graph -> engine file
+    quantization: dict[str, Any] | None = None                        # int8/int4: method per graph, calibration data
+    drift: dict[str, Any] | None = None                               # int8/int4: the drift report against fp32
+    realign: dict[str, Any] | None = None                             # after avg-export realign: its report
+
+    def spec(self, graph: str) -> GraphSpec:
+        if graph not in self.graphs:
+            raise BuildFolderError(f"this build has no '{graph}' graph; it has {sorted(self.graphs)}")
+        return GraphSpec.from_dict(self.graphs[graph])
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = C.MANIFEST_FILE) -> "Manifest":
+        """Unknown keys are ignored; a missing key or a value of the wrong type is a
+        BuildFolderError naming it."""
+        if not isinstance(d, dict):
+            raise BuildFolderError(f"{where}: expected a JSON object, got {type(d).__name__}; {REBUILD}")
+        for key, kind in _REQUIRED.items():
+            if key not in d:
+                raise BuildFolderError(f"{where}: missing key '{key}'; {REBUILD}")
+            if not isinstance(d[key], kind) or (kind is int and isinstance(d[key], bool)):
+                raise BuildFolderError(f"{where}: '{key}' should be {_type_word(kind)}, got {d[key]!r:.60}; {REBUILD}")
+        names = set(cls.__dataclass_fields__)
+        m = cls(**{k: v for k, v in d.items() if k in names})
+        for name, g in m.graphs.items():
+            try:
+                GraphSpec.from_dict(g)
+            except (KeyError, TypeError, ValueError) as e:
+                raise BuildFolderError(f"{where}: graph '{name}' is malformed ({type(e).__name__}: {e}); {REBUILD}") from e
+        return m
+
+    def record_files(self, folder: Path) -> None:
+        """sha256 and size of every file in the folder except the manifest itself."""
+        self.files = {
+            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != C.MANIFEST_FILE
+        }
+
+    def named_files(self) -> list[str]:
+        """Every file the manifest names: listed files, graph files and engines."""
+        return [*self.files, *(g.get("file", "") for g in self.graphs.values()), *self.engines.values()]
+
+
+def _type_word(kind: type | tuple[type, ...]) -> str:
+    return {int: "an integer", str: "a string", list: "a list", dict: "an object", bool: "true or false"}.get(kind, str(kind))
+
+
+def inside(folder: Path, name: str, what: str) -> Path:
+    """folder / name, refusing names that leave the folder (absolute, '..', links)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise BuildFolderError(f"{folder}: {what} {name!r} is not a file name inside the folder; {REBUILD}")
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise BuildFolderError(f"{folder}: {what} {name!r} leads outside the folder; {REBUILD}")
+    return path
+
+
+def load_manifest(folder: str | Path, verify: bool = False) -> Manifest:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BuildFolderError(f"build folder not found: {folder} (make one with: avg-export build -o {folder})")
+    path = folder / C.MANIFEST_FILE
+    if not path.is_file():
+        raise BuildFolderError(f"{folder}: no {C.MANIFEST_FILE}; not a complete build ({REBUILD})")
+    try:
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BuildFolderError(f"{path}: not valid UTF-8 JSON ({e})") from e
+    version = d.get("format_version") if isinstance(d, dict) else None
+    if version != C.MANIFEST_FORMAT:
+        raise BuildFolderError(
+            f"{folder}: build format version {version}, this avg-edge reads version {C.MANIFEST_FORMAT}; "
+            f"{REBUILD} of this version"
+        )
+    m = Manifest.from_dict(d, where=str(path))
+    for name in m.named_files():
+        inside(folder, name, "file")
+    missing = [n for n in m.files if not (folder / n).is_file()]
+    if missing:
+        raise BuildFolderError(f"{folder}: missing file(s) {missing} listed in the manifest; {REBUILD}")
+    if verify:
+        bad = [n for n, info in m.files.items() if sha256_file(folder / n) != info.get("sha256")]
+        if bad:
+            raise BuildFolderError(f"{folder}: checksum mismatch for {bad} (corrupt or modified); {REBUILD}")
+    return m
+
+
+# -- writing a build folder ---------------------------------------------------------------
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:building|old|work)-(?P<pid>\d+)$")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(parent: Path) -> list[Path]:
+    """Remove `.NAME.building-PID` (and .old-/.work-) folders whose process is gone: what
+    a killed build leaves behind.  Folders of running builds are kept."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for p in parent.iterdir():
+        m = _LEFTOVER.match(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _process_alive(int(m.group("pid"))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+class BuildCommit:
+    """Write a build folder atomically.
+
+        with BuildCommit(out) as commit:        # commit.folder: a hidden sibling of `out`
+            ... write files into commit.folder ...
+            commit.finish(manifest)             # sha256 of every file, manifest last, rename
+
+    Leaving the block without `finish` (an error, Ctrl-C) removes the hidden folder and
+    leaves `out` as it was; a killed process leaves the hidden folder, which the next
+    build into the same parent removes.  `start_from` copies an existing build first
+    (realign, engines).  `scratch()` gives a second hidden folder removed at the end."""
+
+    def __init__(self, out: str | Path, start_from: str | Path | None = None) -> None:
+        self.out = Path(out)
+        self.parent = self.out.parent
+        self.folder = self.parent / f".{self.out.name}.building-{os.getpid()}"
+        self._scratch = self.parent / f".{self.out.name}.work-{os.getpid()}"
+        self.start_from = Path(start_from) if start_from is not None else None
+        self.finished = False
+
+    def __enter__(self) -> "BuildCommit":
+        try:
+            self.parent.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(self.parent)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            if self.start_from is not None:
+                shutil.copytree(self.start_from, self.folder)
+                (self.folder / C.MANIFEST_FILE).unlink(missing_ok=True)
+            else:
+                self.folder.mkdir()
+        except OSError as e:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise UsageError(f"cannot write the output {self.out}: {e.strerror or e}") from e
+        return self
+
+    def scratch(self) -> Path:
+        self._scratch.mkdir(exist_ok=True)
+        return self._scratch
+
+    def finish(self, manifest: Manifest) -> None:
+        manifest.record_files(self.folder)
+        (self.folder / C.MANIFEST_FILE).write_text(manifest.to_json())
+        if self.out.exists():
+            old = self.parent / f".{self.out.name}.old-{os.getpid()}"
+            os.rename(self.out, old)
+            os.rename(self.folder, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.folder, self.out)
+        self.finished = True
+
+    def __exit__(self, *exc: Any) -> None:
+        shutil.rmtree(self._scratch, ignore_errors=True)
+        if not self.finished:
+            shutil.rmtree(self.folder, ignore_errors=True)
