@@ -6,16 +6,35 @@ PY := $(VENV)/bin/python
 # any other spec pulls a multi-gigabyte CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo bench capi clean
+.PHONY: test demo bench capi clean FORCE
 
-$(VENV)/.installed: pyproject.toml Makefile
+# Strict editable install: a tree of links under build/ that IDEs and mypy can follow
+# (the default editable mode hides the `avg_edge` -> repository-root mapping in an import
+# hook).  A strict install does not see new files, so it is redone whenever the set of
+# package files changes (PKG_LIST is rewritten only then).
+PKG_LIST := $(VENV)/.package-files
+INSTALL := $(VENV)/.installed
+
+$(INSTALL): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[export,capi,serve,dev]"
+	$(PY) -m pip install -q -e ".[export,capi,serve,dev]" --config-settings editable_mode=strict
 	touch $@
 
-test: $(VENV)/.installed
+$(PKG_LIST): FORCE
+	@mkdir -p $(VENV)
+	@find . -name '*.py' -not -path './.*' -not -path './build/*' -not -path './builds/*' \
+	    -not -path './tests/*' -not -path './benchmarks/*' | sort > $@.new
+	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
+
+$(VENV)/.linked: $(PKG_LIST) $(INSTALL)
+	$(PY) -m pip install -q --no-deps -e . --config-settings editable_mode=strict
+	touch $@
+
+FORCE:
+
+test: $(VENV)/.linked
 	$(PY) -m pytest -q -p no:cacheprovider
 
 DEMO_BUILD := builds/avg-edge-demo
@@ -23,7 +42,7 @@ DEMO_BUILD := builds/avg-edge-demo
 # Build the bundled demo model once (fp32, ONNX Runtime), then ask one coarse and one
 # fine question (the fine one again at fixed 576); -v prints the chosen granularity and
 # visual tokens vs 576 to stderr.
-$(DEMO_BUILD)/manifest.json: $(VENV)/.installed $(wildcard model/demo/checkpoint/*)
+$(DEMO_BUILD)/manifest.json: $(VENV)/.linked $(wildcard model/demo/checkpoint/*)
 	$(VENV)/bin/avg-export build --force
 
 demo: $(DEMO_BUILD)/manifest.json
@@ -34,15 +53,15 @@ demo: $(DEMO_BUILD)/manifest.json
 	@echo; echo '$$ avg-run examples/demo-2.png "What colour is the marker with a white dot?" -g 576 -v'
 	@$(VENV)/bin/avg-run examples/demo-2.png "What colour is the marker with a white dot?" -g 576 -v
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.linked
 	$(PY) benchmarks/bench_runtime.py
 	$(PY) benchmarks/bench_runtime.py --tiny
 	$(PY) benchmarks/bench_export.py
 
-capi: $(VENV)/.installed
-	$(PY) -m avg_edge.runtime.capi.build --out build/capi
+capi: $(VENV)/.linked
+	$(PY) -m avg_edge.runtime.capi.compile --out build/capi
 	cc -Wall -I include examples/c/avg_edge_example.c -L build/capi -lavg_edge -Wl,-rpath,$(CURDIR)/build/capi -o build/avg_edge_example
 	@echo "try: build/avg_edge_example builds/avg-edge-demo examples/<image>.png \"What colour is the background?\""
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info build/__editable__*

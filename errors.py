@@ -125,6 +125,14 @@ class Busy(AvgEdgeError):
     category = "busy"
 
 
+def markdown_table() -> str:
+    """README's error table, from CATEGORIES (python -m avg_edge.errors prints it)."""
+    rows = ["| category | meaning | exit code | HTTP | C return code |", "|---|---|---|---|---|"]
+    for c in CATEGORIES.values():
+        rows.append(f"| `{c.name}` | {c.meaning} | {c.exit_code} | {c.http_status} | `{c.c_name}` ({c.c_code}) |")
+    return "\n".join(rows) + "\n"
+
+
 def category_of(e: BaseException) -> Category:
     """The category of any exception: ours by class, KeyboardInterrupt is cancelled,
     anything else is internal."""
@@ -142,3 +150,7 @@ def one_line(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
     return f"internal: {type(e).__name__}: {e} (please report; AVG_EDGE_TRACEBACK=1 shows where)"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,41 @@ def tiny_build(tiny_ckpt, tmp_path_factory):
     lines: list[str] = []
     result = build(BuildOptions(model=tiny_ckpt, output=out, max_context=4096), progress=lines.append)
     return out, result, lines
+
+
+@pytest.fixture(scope="session")
+def small_context_build(tiny_ckpt, tmp_path_factory) -> Path:
+    """The tiny checkpoint with a 256-token context: a 576-granularity prompt does not fit."""
+    from avg_edge.export.exporter import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("ctx") / "ctx256"
+    build(BuildOptions(model=tiny_ckpt, output=out, max_context=256, validate=False), progress=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def capi(tmp_path_factory):
+    """libavg_edge.so and the C programs that use it, compiled by the system C compiler:
+    (library, {name: executable})."""
+    from avg_edge.runtime.capi.compile import HEADER, build_library
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no system C compiler (cc/gcc) to build the C programs")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("capi")
+    lib = build_library(out)
+    binaries = {}
+    for name, src in (("example", root / "examples" / "c" / "avg_edge_example.c"),
+                      ("bad_calls", root / "tests" / "c" / "bad_calls.c"), ("one_call", root / "tests" / "c" / "one_call.c")):
+        exe = out / name
+        subprocess.run([cc, "-Wall", "-Werror", "-I", str(HEADER.parent), str(src), "-L", str(out), "-lavg_edge",
+                        f"-Wl,-rpath,{out}", "-o", str(exe)], check=True, capture_output=True, text=True)
+        binaries[name] = exe
+    return lib, binaries
+
+
+@pytest.fixture
+def clean_env() -> dict[str, str]:
+    """No PYTHONPATH, no virtualenv: the C library must find the package on its own."""
+    return {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}

@@ -3,48 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from avg_edge.runtime.capi.compile import HEADER, build_library, cdef_from_header
-from avg_edge.runtime.pipeline import Pipeline
 from avg_edge.model.tiny import textured_image
-
-ROOT = Path(__file__).resolve().parents[1]
-CC = shutil.which("cc") or shutil.which("gcc")
-pytestmark = pytest.mark.skipif(CC is None, reason="no system C compiler (cc/gcc) to build the C example")
-
-
-@pytest.fixture(scope="module")
-def capi(tmp_path_factory):
-    out = tmp_path_factory.mktemp("capi")
-    lib = build_library(out)
-    binaries = {}
-    for name, src in (("example", ROOT / "examples" / "c" / "avg_edge_example.c"), ("bad_calls", ROOT / "tests" / "c" / "bad_calls.c")):
-        exe = out / name
-        subprocess.run([CC, "-Wall", "-Werror", "-I", str(HEADER.parent), str(src), "-L", str(out), "-lavg_edge",
-                        f"-Wl,-rpath,{out}", "-o", str(exe)], check=True, capture_output=True, text=True)
-        binaries[name] = exe
-    return lib, binaries
-
-
-def _clean_env() -> dict[str, str]:
-    """No PYTHONPATH, no virtualenv: the library must find the package on its own."""
-    return {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
+from avg_edge.runtime.capi.compile import cdef_from_header
+from avg_edge.runtime.pipeline import Pipeline
 
 
 @pytest.mark.parametrize("granularity", ["auto", "144"])
-def test_c_example_answers_like_the_python_runtime(capi, tiny_build, tmp_path, granularity):
+def test_c_example_answers_like_the_python_runtime(capi, clean_env, tiny_build, tmp_path, granularity):
     _, exe = capi
     image = tmp_path / "photo.png"
     textured_image(640, 480, seed=4).save(image)
     question = "What colour is the background?"
     p = subprocess.run([str(exe["example"]), str(tiny_build[0]), str(image), question, granularity],
-                       capture_output=True, text=True, env=_clean_env(), timeout=300)
+                       capture_output=True, text=True, env=clean_env, timeout=300)
     assert p.returncode == 0, p.stderr
     result = json.loads(p.stderr.strip().splitlines()[-1])
     expected = Pipeline.load(tiny_build[0]).generate(image.read_bytes(), question, max_new_tokens=32,
@@ -54,12 +29,12 @@ def test_c_example_answers_like_the_python_runtime(capi, tiny_build, tmp_path, g
     assert p.stdout.strip() == expected.text.strip()        # the streamed pieces add up to the answer
 
 
-def test_bad_calls_return_codes_and_messages(capi, tiny_build, tmp_path):
+def test_bad_calls_return_codes_and_messages(capi, clean_env, tiny_build, tmp_path):
     _, exe = capi
     image = tmp_path / "photo.png"
     textured_image(300, 200).save(image)
     p = subprocess.run([str(exe["bad_calls"]), str(tiny_build[0]), str(image)], capture_output=True, text=True,
-                       env=_clean_env(), timeout=300)
+                       env=clean_env, timeout=300)
     assert p.returncode == 0, p.stderr                       # the host process survived every call
     rows = {line.split(" ", 1)[0]: line.split(" ", 2)[1:] for line in p.stdout.splitlines()}
     code = {k: int(v[0]) for k, v in rows.items() if v and v[0].lstrip("-").isdigit()}

@@ -103,15 +103,6 @@ def test_usage_errors(tiny_build, images, tmp_path, args, code, match):
     assert match in r.stderr and "Traceback" not in r.output
 
 
-@pytest.fixture(scope="module")
-def small_context_build(tiny_ckpt, tmp_path_factory):
-    from avg_edge.export.exporter import BuildOptions, build
-
-    out = tmp_path_factory.mktemp("ctx") / "ctx256"
-    build(BuildOptions(model=tiny_ckpt, output=out, max_context=256, validate=False), progress=lambda s: None)
-    return out
-
-
 def test_prompt_longer_than_context(small_context_build, images):
     r = _run([images[0]["photo"], "What?", "-m", small_context_build, "-g", "576"])
     assert r.exit_code == 1

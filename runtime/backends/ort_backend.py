@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from avg_edge.errors import BackendError
+from avg_edge.errors import BackendError, BuildFolderError
 from avg_edge.runtime.backends.base import Backend
 from avg_edge.specs import GraphSpec
 
@@ -74,7 +74,8 @@ class OrtBackend(Backend):
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=wanted)
         except Exception as e:  # onnxruntime has its own exception types
-            raise BackendError(f"ONNX Runtime could not load {path.name}: {str(e).splitlines()[0][:300]}") from e
+            raise BuildFolderError(f"ONNX Runtime could not load {path}: {str(e).splitlines()[0][:300]} "
+                                   "(rebuild with avg-export build)") from e
         got = self.session.get_providers()
         self.providers = got
         asked_gpu = [p if isinstance(p, str) else p[0] for p in wanted if (p if isinstance(p, str) else p[0]) != CPU_EP]
