@@ -43,6 +43,7 @@ MANIFEST_FORMAT = 2          # 2: tensor roles in the specs, a structured chat t
 EMBED_TABLE_FILE = "embed_tokens.npy"
 IMAGE_NEWLINE_FILE = "image_newline.npy"
 TIMING_CACHE_FILE = "timing.cache"
+REFERENCE_FILE = "reference.npz"     # reference outputs at the validation points (validation.py)
 
 
 def past_key_name(layer: int) -> str:

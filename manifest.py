@@ -63,6 +63,7 @@ class Manifest:
     quantization: dict[str, Any] | None = None                        # int8/int4: method per graph, calibration data
     drift: dict[str, Any] | None = None                               # int8/int4: the drift report against fp32
     realign: dict[str, Any] | None = None                             # after avg-export realign: its report
+    phases: list[dict[str, Any]] = field(default_factory=list)        # the build's phases: seconds, peak RSS
 
     def spec(self, graph: str) -> GraphSpec:
         if graph not in self.graphs:

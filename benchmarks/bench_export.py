@@ -39,7 +39,7 @@ def main() -> None:
 
     from avg_edge.export.exporter import BuildOptions, build
     from avg_edge.specs import make_feeds
-    from avg_edge.export.validate import ort_session
+    from avg_edge.runtime.backends.ort_backend import OrtBackend
     from avg_edge.model.tiny import make_tiny_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="avg-bench-export-"))
@@ -62,7 +62,7 @@ def main() -> None:
                 prof = next(p for p in spec.profiles if p.name == point)
                 sizes_opt = {n: a.opt for n, a in prof.axes.items()}
                 feeds = make_feeds(spec, sizes_opt, np.random.default_rng(0))
-                speeds[(graph, point)] = _median_ms(ort_session(out / spec.file), feeds, args.repeats)
+                speeds[(graph, point)] = _median_ms(OrtBackend(spec, out / spec.file, providers="cpu").session, feeds, args.repeats)
             print(f"| {precision} | {opset} | {seconds:.1f} | {sizes.get('vision')} | {sizes.get('router', '-')} | "
                   f"{sizes.get('decoder')} | {speeds[('vision', 'default')]:.1f} | {speeds[('decoder', 'prefill')]:.2f} | "
                   f"{speeds[('decoder', 'decode')]:.2f} |", flush=True)

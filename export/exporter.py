@@ -8,6 +8,7 @@ untouched and no folder the runtime would accept (the manifest is the last file 
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,11 +21,14 @@ import torch
 from avg_edge import __version__
 from avg_edge import constants as C
 from avg_edge import specs as S
+from avg_edge import validation as V
 from avg_edge.errors import AvgEdgeError, BackendUnavailable, BuildError, UsageError
 from avg_edge.manifest import BuildCommit, Manifest
 from avg_edge.precision import Precision, precision
+from avg_edge.runtime.backends.ort_backend import OrtBackend
 from avg_edge.runtime.chat import DEFAULT_TEMPLATE
 from avg_edge.runtime.packing import visual_token_count
+from avg_edge.runtime.phases import GIB, Phases
 
 BACKENDS = ("auto", "ort", "trt")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -138,13 +142,19 @@ def tool_versions() -> dict[str, str]:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResult:
-    """An fp32 or fp16 build (int8/int4: calibration.quantized_build.build_quantized)."""
-    from avg_edge.export.graphs import graph_module, to_precision
+def build(o: BuildOptions, progress: Callable[[str], None] = print, phases: Phases | None = None) -> BuildResult:
+    """An fp32 or fp16 build (int8/int4: calibration.quantized_build.build_quantized).
+
+    Memory: the checkpoint is loaded straight into the build's dtype; each graph is
+    exported (large weights as external data) and its reference outputs computed, then
+    the weights only it needed are dropped; the model is gone before any ONNX Runtime
+    session opens.  Each phase's line shows its peak RSS (also kept in the manifest)."""
+    from avg_edge.export.graphs import graph_module, release
     from avg_edge.export.onnx_export import export_graph
     from avg_edge.export.tokenizer_json import write_tokenizer_json
-    from avg_edge.export.validate import GraphValidation, validate_graph, validate_wrapper
+    from avg_edge.export.validate import reference_outputs, validate_wrapper
     from avg_edge.model import load_model
+    from avg_edge.model.config import AvgLlavaConfig
 
     check_options(o)
     p = o.precision_info
@@ -153,62 +163,66 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResu
     opset = o.resolved_opset
     start = time.perf_counter()
     out = Path(o.output)
-    steps = _Steps(progress)
-    done = steps.done
+    ph = phases if phases is not None else Phases(progress)
+    config = AvgLlavaConfig.from_folder(o.model)
+    b = bounds_for(config, o.max_crops, o.max_context)
+    specs = graph_specs(config, b, o.precision)
+    ph.total = ph.count + 3 + len(specs) * (3 if o.validate else 1) + 2
     with BuildCommit(out) as commit:
         tmp = commit.folder
-        t0 = time.perf_counter()
-        model = load_model(o.model)
-        config = model.config
-        b = bounds_for(config, o.max_crops, o.max_context)
-        specs = graph_specs(config, b, o.precision)
-        steps.total = 6 + len(specs)
-        done(f"loaded {o.model} ({config.source_layout}, router: {'yes' if config.has_router else 'no'})", t0)
+        with ph.phase(f"load {o.model}") as detail:
+            model = load_model(o.model, dtype=TORCH_DTYPES[p.float_dtype])
+            detail.text = f"({config.source_layout}, router: {'yes' if config.has_router else 'no'}, {p.float_dtype})"
+        with ph.phase("tokenizer.json") as detail:
+            detail.text = write_tokenizer_json(Path(o.model), tmp / C.TOKENIZER_JSON_FILE)
+        with ph.phase("tables") as detail:
+            write_tables(model, tmp, TORCH_DTYPES[p.float_dtype])
+            model.language_model.model.embed_tokens = None            # the decoder graph never reads it
+            detail.text = f"{C.EMBED_TABLE_FILE} and {C.IMAGE_NEWLINE_FILE} ({p.float_dtype})"
 
-        t0 = time.perf_counter()
-        how = write_tokenizer_json(Path(o.model), tmp / C.TOKENIZER_JSON_FILE)
-        done(f"tokenizer.json {how}", t0)
-
-        torch_dtype = TORCH_DTYPES[p.float_dtype]
-        export_model = to_precision(model, torch_dtype)
-        for name, spec in specs.items():
-            t0 = time.perf_counter()
-            export_graph(graph_module(name, export_model, spec), spec, tmp, opset)
-            done(f"exported {spec.file} ({o.precision}, opset {opset})", t0)
-        del export_model
-
-        t0 = time.perf_counter()
-        table = model.language_model.get_input_embeddings().weight.detach().to(torch_dtype).numpy()
-        np.save(tmp / C.EMBED_TABLE_FILE, table, allow_pickle=False)
-        np.save(tmp / C.IMAGE_NEWLINE_FILE, model.image_newline.detach().to(torch_dtype).numpy(), allow_pickle=False)
-        done(f"wrote {C.EMBED_TABLE_FILE} {list(table.shape)} and {C.IMAGE_NEWLINE_FILE} ({p.float_dtype})", t0)
-
-        t0 = time.perf_counter()
-        validation: dict[str, GraphValidation] = {}
+        heads = config.text.num_attention_heads
+        points = {n: V.validation_points(s, heads if n == S.DECODER else None) for n, s in specs.items()}
+        refs: dict[str, np.ndarray] = {}
         wrapper_diff = None
+        for name, spec in specs.items():
+            with ph.phase(f"export {spec.file}") as detail:
+                export_graph(graph_module(name, model, spec), spec, tmp, opset)
+                detail.text = f"({o.precision}, opset {opset}, {graph_bytes(tmp, spec.file) / GIB:.2f} GiB)"
+            if o.validate:
+                with ph.phase(f"reference outputs of {name} (PyTorch, {len(points[name])} points)"):
+                    refs.update(reference_outputs(graph_module(name, model, spec), spec, points[name]))
+                    if name == S.DECODER:
+                        wrapper_diff = validate_wrapper(model, spec)
+            release(model, name)
+        del model
+        gc.collect()
         if o.validate:
-            for name, spec in specs.items():
-                v = validate_graph(graph_module(name, model, spec), spec, tmp / spec.file, p)
+            V.save_references(tmp / C.REFERENCE_FILE, refs)
+
+        validation: dict[str, V.GraphValidation] = {}
+        for name, spec in specs.items():
+            if not o.validate:
+                continue
+            with ph.phase(f"validate {spec.file} against PyTorch") as detail:
+                with OrtBackend(spec, tmp / spec.file, providers="cpu") as backend:
+                    v = V.check(spec, points[name], refs, lambda feeds: backend.infer(feeds, check=False), p.tolerance,
+                                backend.describe())
                 validation[name] = v
-                detail = v.reason if v.status == "skipped" else f"max abs diff {v.max_abs_diff:.2e} over {len(v.points)} points"
-                progress(f"      {name}: {v.status}, {detail}")
-            wrapper_diff = validate_wrapper(model, specs[S.DECODER])
+                detail.text = f"{v.status}, max abs diff {v.max_abs_diff:.2e} over {len(v.points)} points"
+        if wrapper_diff is not None:
             progress(f"      decoder code vs transformers' Llama: max abs diff {wrapper_diff:.2e}")
-            done("validated against PyTorch", t0)
-        else:
-            done("validation skipped (--no-validate)", t0)
         failed = [n for n, v in validation.items() if v.status == "failed"]
         if wrapper_diff is not None and wrapper_diff > 1e-3:
             failed.append("decoder(code)")
 
         notes: list[str] = []
-        t0 = time.perf_counter()
-        engines, trt_info = build_engines(o, specs, tmp, notes) if not failed else ({}, None)
-        if engines and o.validate:
-            engine_checks = validate_engines(model, specs, tmp, engines, trt_info, p, progress)
-            validation.update(engine_checks)
-            failed += [n for n, v in engine_checks.items() if v.status == "failed"]
-        done("TensorRT: " + ("built " + ", ".join(engines.values()) if engines else notes[-1] if notes else "skipped"), t0)
+        with ph.phase("TensorRT") as detail:
+            engines, trt_info = build_engines(o, specs, tmp, notes) if not failed else ({}, None)
+            if engines and o.validate:
+                engine_checks = validate_engines(specs, tmp, engines, trt_info, points, refs, p)
+                validation.update(engine_checks)
+                failed += [n for n, v in engine_checks.items() if v.status == "failed"]
+            detail.text = "built " + ", ".join(engines.values()) if engines else notes[-1] if notes else "skipped"
 
         manifest = Manifest(
             format_version=C.MANIFEST_FORMAT, precision=o.precision, opset=opset,
@@ -228,22 +242,18 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print) -> BuildResu
         if failed:
             raise BuildError(f"validation failed for {failed}: outputs differ from PyTorch beyond tolerance; "
                              f"the previous build at {out} is untouched (use --no-validate to keep such a build)")
-
-        t0 = time.perf_counter()
-        commit.finish(manifest)
-        done(f"wrote {out}", t0)
+        with ph.phase(f"write {out}"):
+            manifest.phases = ph.to_list()
+            commit.finish(manifest)
+        manifest.phases = ph.to_list()
         return BuildResult(out, manifest, rows, time.perf_counter() - start, notes)
 
 
-class _Steps:
-    """One numbered progress line per finished stage, with its elapsed time."""
-
-    def __init__(self, progress: Callable[[str], None]) -> None:
-        self.progress, self.count, self.total = progress, 0, 0
-
-    def done(self, what: str, t0: float) -> None:
-        self.count += 1
-        self.progress(f"[{self.count}/{self.total}] {what} ({time.perf_counter() - t0:.1f} s)")
+def write_tables(model, folder: Path, dtype: torch.dtype) -> None:
+    """The embedding table and the image-newline vector, read by the runtime with mmap."""
+    table = model.language_model.get_input_embeddings().weight.detach().to(dtype).numpy()
+    np.save(folder / C.EMBED_TABLE_FILE, table, allow_pickle=False)
+    np.save(folder / C.IMAGE_NEWLINE_FILE, model.image_newline.detach().to(dtype).numpy(), allow_pickle=False)
 
 
 def graph_bytes(folder: Path, file: str) -> int:
@@ -282,18 +292,14 @@ def build_engines(o: BuildOptions, specs: dict[str, S.GraphSpec], tmp: Path, not
     return engines, gpu.to_manifest(cache)
 
 
-def validate_engines(model, specs: dict[str, S.GraphSpec], tmp: Path, engines: dict[str, str], trt_info: dict,
-                     p: Precision, progress: Callable[[str], None]):
-    """TensorRT engines against PyTorch at the same points as the ONNX validation."""
-    from avg_edge.export.graphs import graph_module
-    from avg_edge.export.validate import validate_graph
+def validate_engines(specs: dict[str, S.GraphSpec], folder: Path, engines: dict[str, str], trt_info: dict,
+                     points: dict[str, list[V.Point]], refs: dict[str, np.ndarray], p: Precision):
+    """TensorRT engines against the stored references, at the same points as ONNX Runtime."""
     from avg_edge.runtime.backends.trt_backend import TrtBackend
 
     out = {}
     for name, engine in engines.items():
-        with TrtBackend(specs[name], tmp / engine, trt_info) as backend:
-            run = lambda feeds, b=backend: [b.infer(feeds)[n] for n in specs[name].output_names]  # noqa: E731
-            v = validate_graph(graph_module(name, model, specs[name]), specs[name], tmp / specs[name].file, p, runner=run)
-        progress(f"      {engine}: {v.status}, max abs diff {v.max_abs_diff:.2e} over {len(v.points)} points")
-        out[f"{name}.engine"] = v
+        with TrtBackend(specs[name], folder / engine, trt_info) as backend:
+            out[f"{name}.engine"] = V.check(specs[name], points[name], refs, lambda f: backend.infer(f, check=False),
+                                            p.tolerance, backend.describe())
     return out

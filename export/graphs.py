@@ -123,6 +123,19 @@ def graph_module(name: str, model: AvgLlavaModel, spec: S.GraphSpec) -> nn.Modul
     raise ValueError(f"no graph named {name!r}")
 
 
+def release(model: AvgLlavaModel, graph: str) -> None:
+    """Drop the weights only `graph` needed once it is exported and its references are
+    computed (graphs go vision, router, decoder), so a build never holds more than the
+    model it has left."""
+    if graph == S.VISION:
+        model.vision_tower = None
+        model.mm_projector = None
+    elif graph == S.ROUTER:
+        model.router = None
+    elif graph == S.DECODER:
+        model.language_model = None
+
+
 def to_precision(model: AvgLlavaModel, dtype: torch.dtype) -> AvgLlavaModel:
     """The model in `dtype` (a copy unless fp32); fragile parts stay fp32 (see cast_)."""
     return model if dtype == torch.float32 else copy.deepcopy(model).cast_(dtype)

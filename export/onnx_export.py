@@ -22,8 +22,10 @@ from avg_edge.specs import DERIVED_AXES, GraphSpec, example_sizes, make_feeds
 class ExportFailed(BuildError):
     """torch's exporter could not turn a graph into ONNX."""
 
-# Weights beyond this go to an external-data file beside the .onnx (protobuf's 2 GiB cap).
-EXTERNAL_DATA_BYTES = 1536 * 1024**2
+# Weights beyond this go to an external-data file beside the .onnx: protobuf caps a file
+# at 2 GiB, and an inline model is serialised in memory (the exporter then holds the
+# weights about three times over; written as external data they are streamed to disk).
+EXTERNAL_DATA_BYTES = 256 * 1024**2
 
 
 def _structure(module: nn.Module, items: list):

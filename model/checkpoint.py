@@ -105,15 +105,20 @@ def _name_list(names: list[str], limit: int = 20) -> str:
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AvgLlavaModel:
-    """Load a checkpoint folder strictly: every weight present, none left over."""
+    """Load a checkpoint folder strictly: every weight present, none left over.
+
+    The model is built on the meta device (no memory) and each weight goes from its shard
+    straight into `dtype` (RoPE's inverse frequencies stay fp32, see AvgLlavaModel.cast_),
+    so loading needs the model's size in `dtype` plus one tensor, never an fp32 copy."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder} (expected a local checkpoint folder; there is no model hub here)")
     config = AvgLlavaConfig.from_folder(folder)
     tokenizer = load_tokenizer(folder)
     shard_of = _shard_map(folder)
-    model = AvgLlavaModel(config, tokenizer=tokenizer).cast_(dtype)
-    params = model.state_dict()
+    with torch.device("meta"):
+        model = AvgLlavaModel(config, tokenizer=tokenizer)
+    params = dict(model.named_parameters())
 
     renamed: dict[str, str] = {}  # module name -> checkpoint name
     for ck_name in shard_of:
@@ -141,8 +146,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> A
     by_shard: dict[Path, list[str]] = {}
     for mod_name, ck_name in renamed.items():
         by_shard.setdefault(shard_of[ck_name], []).append(mod_name)
-    with torch.no_grad():
-        for shard, mod_names in sorted(by_shard.items()):
+    for shard, mod_names in sorted(by_shard.items()):
+        try:
             with safe_open(str(shard), framework="pt") as f:
                 available = set(f.keys())
                 for mod_name in mod_names:
@@ -154,13 +159,40 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> A
                         raise CheckpointError(
                             f"{shard}: '{ck_name}' has shape {tuple(t.shape)}, the config expects {tuple(params[mod_name].shape)}"
                         )
-                    params[mod_name].copy_(t)
+                    _assign(model, mod_name, t.to(dtype))
+        except (OSError, ValueError, RuntimeError) as e:   # safetensors: SafetensorError, a truncated file
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{shard}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                                  "copy the checkpoint again") from e
     if config.text.tie_word_embeddings:
-        model.language_model.tie_weights()
+        model.language_model.lm_head.weight = model.language_model.get_input_embeddings().weight
+    _materialize_buffers(model)
     return model.eval()
 
 
-def _checkpoint_name(mod_name: str) -> str:
+def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    setattr(module, leaf, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def _materialize_buffers(model: AvgLlavaModel) -> None:
+    """Buffers the model computes in __init__ (they were built on the meta device):
+    RoPE's inverse frequencies (fp32) and CLIP's position ids."""
+    rotary = model.language_model.model.rotary_emb
+    with torch.device("cpu"):
+        fresh = type(rotary)(rotary.config)
+    for name, buf in fresh.named_buffers(recurse=False):
+        setattr(rotary, name, buf)
+    emb = model.vision_tower.clip.embeddings
+    emb.position_ids = torch.arange(emb.num_positions).expand((1, -1))
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise AssertionError(f"tensors left on the meta device after loading: {left[:5]}")
+
+
+def checkpoint_name(mod_name: str) -> str:
     for src, dst in LLAVA_LLAMA_PREFIXES:
         if mod_name.startswith(dst):
             return src + mod_name[len(dst):]
@@ -182,7 +214,7 @@ def save_checkpoint(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        state = {_checkpoint_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = {checkpoint_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         if model.config.text.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         shards: list[dict[str, torch.Tensor]] = [{}]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,9 +38,12 @@ def test_build_folder_holds_graphs_tables_tokenizer_manifest(fp32_build):
     for f in ("vision.onnx", "router.onnx", "decoder.onnx"):
         onnx.checker.check_model(str(out / f))
     assert np.load(out / C.EMBED_TABLE_FILE, allow_pickle=False).shape == (result.manifest.graphs["decoder"]["outputs"][0]["shape"][2], 64)
-    # one progress line per stage, numbered, with elapsed time
+    # one progress line per phase, numbered, with its time and peak memory, also in the manifest
     stages = [ln for ln in lines if ln.startswith("[")]
-    assert len(stages) == 9 and stages[-1].startswith("[9/9]") and all(ln.endswith(" s)") for ln in stages)
+    assert len(stages) == 14 and stages[0].startswith("[1/14] load") and stages[-1].startswith("[14/14] write")
+    assert all(re.search(r"\(\d+\.\d s, peak RSS \d+\.\d\d GiB\)$", ln) for ln in stages), stages
+    recorded = load_manifest(out).phases
+    assert len(recorded) == 13 and all(r["peak_rss_bytes"] > 100 * 2**20 and r["seconds"] >= 0 for r in recorded)
 
 
 def test_manifest_contents(fp32_build, tiny_ckpt):
@@ -202,7 +206,7 @@ def test_killed_build_leaves_previous_build_intact(fp32_build, tiny_ckpt, tmp_pa
     try:
         deadline = time.time() + 120
         for line in proc.stderr:               # wait until the export is under way
-            if "exported vision.onnx" in line or time.time() > deadline:
+            if "export vision.onnx" in line or time.time() > deadline:
                 break
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -229,3 +233,35 @@ def test_default_model_is_the_demo_when_present(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "demo_checkpoint", lambda: tmp_path / "missing-demo")
     r = runner.invoke(export_app, ["build"], terminal_width=300)
     assert r.exit_code == 2 and "no -m given and the bundled demo model is missing" in r.output
+
+
+@pytest.mark.parametrize("graph,weight", [
+    ("decoder", "layers.1.mlp.down_proj.weight"),
+    ("vision", "model.mm_projector.2.bias"),
+    ("router", "router.router.2.weight"),
+])
+def test_a_wrong_weight_in_the_export_fails_validation(tiny_ckpt, tmp_path, monkeypatch, graph, weight):
+    """Validation compares the ONNX file with PyTorch: one weight nudged in the exported
+    graph only (what an exporter bug would do) fails the build, the output stays absent."""
+    import torch
+
+    import avg_edge.export.onnx_export as onnx_export
+    from avg_edge.errors import BuildError
+
+    real = onnx_export.export_graph
+
+    def nudged(module, spec, out_dir, opset):
+        if spec.name != graph:
+            return real(module, spec, out_dir, opset)
+        param = dict(module.named_parameters())[weight]
+        with torch.no_grad():
+            param.view(-1)[0] += 0.5
+            try:
+                return real(module, spec, out_dir, opset)
+            finally:
+                param.view(-1)[0] -= 0.5
+
+    monkeypatch.setattr(onnx_export, "export_graph", nudged)
+    with pytest.raises(BuildError, match=rf"validation failed for \['{graph}'\]"):
+        build(BuildOptions(model=tiny_ckpt, output=tmp_path / "b", max_context=256), progress=lambda s: None)
+    assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTRACT = {"constants", "errors", "specs", "manifest", "precision"}
+CONTRACT = {"constants", "errors", "specs", "manifest", "precision", "validation"}
 # What each layer may import from avg_edge (besides itself).
 ALLOWED = {
     "contract": {"contract"},
