@@ -144,6 +144,28 @@ def realign_cmd(
             progress=lambda line: err.print(line, markup=False))
 
 
+@export_app.command("engines")
+@_exits
+def engines_cmd(
+    build_dir: Path = typer.Argument(..., help="An ONNX build folder made by avg-export build (copied to this device)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild engines the folder already has."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="TensorRT timing cache (default: one per TensorRT version and GPU under ~/.cache/avg-edge)."),
+    workspace_gb: float = typer.Option(4.0, "--workspace-gb", help="TensorRT builder workspace."),
+) -> None:
+    """Build TensorRT engines for an existing build folder on this machine (no torch needed)
+    and check them against the references the export stored."""
+    from avg_edge.runtime.engines import build_engines_for_folder
+
+    if not build_dir.is_dir():
+        raise UsageError(f"build folder not found: {build_dir}")
+    if workspace_gb <= 0:
+        raise UsageError(f"--workspace-gb: expected a positive number, got {workspace_gb}")
+    m = build_engines_for_folder(build_dir, force=force, timing_cache=timing_cache,
+                                 workspace_bytes=int(workspace_gb * 1024**3),
+                                 progress=lambda line: err.print(line, markup=False))
+    out.print(f"{build_dir}: engines {m.engines} for TensorRT {m.tensorrt['version']} on {m.tensorrt['gpu']}")
+
+
 @export_app.command("inspect")
 @_exits
 def inspect_cmd(build_dir: Path = typer.Argument(..., help="A build folder."),

@@ -153,6 +153,13 @@ def load_manifest(folder: str | Path, verify: bool = False) -> Manifest:
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:building|old|work)-(?P<pid>\d+)$")
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:            # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
 def _process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -189,7 +196,9 @@ class BuildCommit:
     Leaving the block without `finish` (an error, Ctrl-C) removes the hidden folder and
     leaves `out` as it was; a killed process leaves the hidden folder, which the next
     build into the same parent removes.  `start_from` copies an existing build first
-    (realign, engines).  `scratch()` gives a second hidden folder removed at the end."""
+    (realign, engines) as hard links (files are replaced, never edited in place, so the
+    old build is unaffected; a 14 GB build is not copied).  `scratch()` gives a second
+    hidden folder removed at the end."""
 
     def __init__(self, out: str | Path, start_from: str | Path | None = None) -> None:
         self.out = Path(out)
@@ -205,7 +214,7 @@ class BuildCommit:
             remove_leftovers(self.parent)
             shutil.rmtree(self.folder, ignore_errors=True)
             if self.start_from is not None:
-                shutil.copytree(self.start_from, self.folder)
+                shutil.copytree(self.start_from, self.folder, copy_function=_link_or_copy)
                 (self.folder / C.MANIFEST_FILE).unlink(missing_ok=True)
             else:
                 self.folder.mkdir()

@@ -23,7 +23,7 @@ from avg_edge import specs as S
 from avg_edge.errors import BuildFolderError
 
 SAMPLE = 8192                        # values kept per output and point (all of them when fewer)
-SCORES_BUDGET = 256 * 1024**2        # bytes of fp32 attention scores one prefill point may need
+SCORES_BUDGET = 64 * 1024**2         # bytes of fp32 attention scores one prefill point may need
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,7 @@ def realign(build_dir: Path, o: RealignOptions, progress: Callable[[str], None] 
                   "calibration_samples": len(calib), "evaluation_samples": len(eval_nll), "epochs": o.epochs,
                   "changed_tensors": changed,
                   "note": f"router engine removed; rebuild engines with avg-export engines {build_dir}" if engine else ""}
+        (commit.folder / REPORT_FILE).unlink(missing_ok=True)     # a hard link to the old build's file
         (commit.folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
         if m.quantization is not None:
             m.quantization["graphs"][S.ROUTER] = {"method": f"{'fp16' if dtype == torch.float16 else 'fp32'} (realigned)"}

@@ -8,10 +8,9 @@ untouched and no folder the runtime would accept (the manifest is the last file 
 
 from __future__ import annotations
 
-import gc
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +27,7 @@ from avg_edge.precision import Precision, precision
 from avg_edge.runtime.backends.ort_backend import OrtBackend
 from avg_edge.runtime.chat import DEFAULT_TEMPLATE
 from avg_edge.runtime.packing import visual_token_count
-from avg_edge.runtime.phases import GIB, Phases
+from avg_edge.runtime.phases import GIB, Phases, release_memory
 
 BACKENDS = ("auto", "ort", "trt")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -145,14 +144,13 @@ def tool_versions() -> dict[str, str]:
 def build(o: BuildOptions, progress: Callable[[str], None] = print, phases: Phases | None = None) -> BuildResult:
     """An fp32 or fp16 build (int8/int4: calibration.quantized_build.build_quantized).
 
-    Memory: the checkpoint is loaded straight into the build's dtype; each graph is
-    exported (large weights as external data) and its reference outputs computed, then
-    the weights only it needed are dropped; the model is gone before any ONNX Runtime
-    session opens.  Each phase's line shows its peak RSS (also kept in the manifest)."""
-    from avg_edge.export.graphs import graph_module, release
-    from avg_edge.export.onnx_export import export_graph
+    Memory: each graph is exported, and its reference outputs computed, in a process of
+    its own that loads only that graph's weights straight into the build's dtype (large
+    weights go to external data); ONNX Runtime then checks each graph against the
+    stored references with no PyTorch model in memory.  Each phase's line shows the peak
+    resident memory of the build's processes (also kept in the manifest)."""
+    from avg_edge.export.graph_job import TABLE_WEIGHTS, GraphJob, run_in_child
     from avg_edge.export.tokenizer_json import write_tokenizer_json
-    from avg_edge.export.validate import reference_outputs, validate_wrapper
     from avg_edge.model import load_model
     from avg_edge.model.config import AvgLlavaConfig
 
@@ -167,35 +165,35 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print, phases: Phas
     config = AvgLlavaConfig.from_folder(o.model)
     b = bounds_for(config, o.max_crops, o.max_context)
     specs = graph_specs(config, b, o.precision)
-    ph.total = ph.count + 3 + len(specs) * (3 if o.validate else 1) + 2
+    ph.total = ph.count + 2 + len(specs) * (2 if o.validate else 1) + 2
+    heads = config.text.num_attention_heads
+    points = {n: V.validation_points(s, heads if n == S.DECODER else None) for n, s in specs.items()}
     with BuildCommit(out) as commit:
         tmp = commit.folder
-        with ph.phase(f"load {o.model}") as detail:
-            model = load_model(o.model, dtype=TORCH_DTYPES[p.float_dtype])
-            detail.text = f"({config.source_layout}, router: {'yes' if config.has_router else 'no'}, {p.float_dtype})"
         with ph.phase("tokenizer.json") as detail:
             detail.text = write_tokenizer_json(Path(o.model), tmp / C.TOKENIZER_JSON_FILE)
         with ph.phase("tables") as detail:
-            write_tables(model, tmp, TORCH_DTYPES[p.float_dtype])
-            model.language_model.model.embed_tokens = None            # the decoder graph never reads it
+            tables = load_model(o.model, dtype=TORCH_DTYPES[p.float_dtype], only=TABLE_WEIGHTS)
+            write_tables(tables, tmp, TORCH_DTYPES[p.float_dtype])
+            del tables
+            release_memory()
             detail.text = f"{C.EMBED_TABLE_FILE} and {C.IMAGE_NEWLINE_FILE} ({p.float_dtype})"
 
-        heads = config.text.num_attention_heads
-        points = {n: V.validation_points(s, heads if n == S.DECODER else None) for n, s in specs.items()}
         refs: dict[str, np.ndarray] = {}
         wrapper_diff = None
         for name, spec in specs.items():
-            with ph.phase(f"export {spec.file}") as detail:
-                export_graph(graph_module(name, model, spec), spec, tmp, opset)
-                detail.text = f"({o.precision}, opset {opset}, {graph_bytes(tmp, spec.file) / GIB:.2f} GiB)"
-            if o.validate:
-                with ph.phase(f"reference outputs of {name} (PyTorch, {len(points[name])} points)"):
-                    refs.update(reference_outputs(graph_module(name, model, spec), spec, points[name]))
-                    if name == S.DECODER:
-                        wrapper_diff = validate_wrapper(model, spec)
-            release(model, name)
-        del model
-        gc.collect()
+            what = f"export {spec.file}" + (f" and its reference outputs (PyTorch, {len(points[name])} points)"
+                                             if o.validate else "")
+            with ph.phase(what) as detail:
+                job = GraphJob(str(o.model), name, spec.to_dict(), str(tmp), opset, p.float_dtype,
+                               [asdict(pt) for pt in points[name]] if o.validate else [])
+                result = run_in_child(job)
+                ph.child_peak(result.peak_rss_bytes)
+                if o.validate:
+                    refs.update(V.load_references(job.references_file))
+                    job.references_file.unlink()
+                    wrapper_diff = result.wrapper_diff if result.wrapper_diff is not None else wrapper_diff
+                detail.text = f"({o.precision}, opset {opset}, {result.graph_bytes / GIB:.2f} GiB)"
         if o.validate:
             V.save_references(tmp / C.REFERENCE_FILE, refs)
 
@@ -208,6 +206,7 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print, phases: Phas
                     v = V.check(spec, points[name], refs, lambda feeds: backend.infer(feeds, check=False), p.tolerance,
                                 backend.describe())
                 validation[name] = v
+                release_memory()
                 detail.text = f"{v.status}, max abs diff {v.max_abs_diff:.2e} over {len(v.points)} points"
         if wrapper_diff is not None:
             progress(f"      decoder code vs transformers' Llama: max abs diff {wrapper_diff:.2e}")

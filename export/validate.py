@@ -34,20 +34,20 @@ def fp32_compute(model: nn.Module) -> Iterator[None]:
     entered, and its weights back when it returns.  The reference for an fp16 build is
     then the checkpoint's weights computed in fp32, with one module's weights in fp32 at
     a time instead of a whole fp32 copy (28 GB for 7B).  fp16 -> fp32 -> fp16 is exact."""
-    low = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    low = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.is_meta), torch.float32)
     if low == torch.float32:
         yield
         return
 
     def enter(module, args, kwargs):
         for p in module.parameters():
-            if p.is_floating_point():
+            if p.is_floating_point() and not p.is_meta:
                 p.data = p.data.float()
         return _to_fp32(args), _to_fp32(kwargs)
 
     def leave(module, args, kwargs, output):
         for p in module.parameters():
-            if p.is_floating_point():
+            if p.is_floating_point() and not p.is_meta:
                 p.data = p.data.to(low)
 
     handles = []

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from avg_edge import constants as C
@@ -104,12 +104,15 @@ def _name_list(names: list[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AvgLlavaModel:
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+               only: tuple[str, ...] | None = None) -> AvgLlavaModel:
     """Load a checkpoint folder strictly: every weight present, none left over.
 
     The model is built on the meta device (no memory) and each weight goes from its shard
     straight into `dtype` (RoPE's inverse frequencies stay fp32, see AvgLlavaModel.cast_),
-    so loading needs the model's size in `dtype` plus one tensor, never an fp32 copy."""
+    so loading needs the model's size in `dtype` plus one tensor, never an fp32 copy.
+    `only`: load just the weights whose module names start with these prefixes (the rest
+    stay on the meta device; the names are still checked against the whole checkpoint)."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder} (expected a local checkpoint folder; there is no model hub here)")
@@ -145,6 +148,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> A
 
     by_shard: dict[Path, list[str]] = {}
     for mod_name, ck_name in renamed.items():
+        if only is not None and not mod_name.startswith(only):
+            continue
         by_shard.setdefault(shard_of[ck_name], []).append(mod_name)
     for shard, mod_names in sorted(by_shard.items()):
         try:
@@ -160,14 +165,14 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> A
                             f"{shard}: '{ck_name}' has shape {tuple(t.shape)}, the config expects {tuple(params[mod_name].shape)}"
                         )
                     _assign(model, mod_name, t.to(dtype))
-        except (OSError, ValueError, RuntimeError) as e:   # safetensors: SafetensorError, a truncated file
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:   # a truncated or damaged shard
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"{shard}: not a readable safetensors file ({type(e).__name__}: {e}); "
                                   "copy the checkpoint again") from e
     if config.text.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.get_input_embeddings().weight
-    _materialize_buffers(model)
+    _materialize_buffers(model, check=only is None)
     return model.eval()
 
 
@@ -177,7 +182,7 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, leaf, torch.nn.Parameter(tensor, requires_grad=False))
 
 
-def _materialize_buffers(model: AvgLlavaModel) -> None:
+def _materialize_buffers(model: AvgLlavaModel, check: bool = True) -> None:
     """Buffers the model computes in __init__ (they were built on the meta device):
     RoPE's inverse frequencies (fp32) and CLIP's position ids."""
     rotary = model.language_model.model.rotary_emb
@@ -188,7 +193,7 @@ def _materialize_buffers(model: AvgLlavaModel) -> None:
     emb = model.vision_tower.clip.embeddings
     emb.position_ids = torch.arange(emb.num_positions).expand((1, -1))
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if left:
+    if check and left:
         raise AssertionError(f"tensors left on the meta device after loading: {left[:5]}")
 
 

@@ -38,6 +38,20 @@ def _reset_peak() -> bool:
         return False
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS: glibc keeps what a
+    large model's many medium allocations freed, so RSS would stay at the model's size
+    after it is gone."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc: nothing to trim
+        pass
+
+
 def peak_rss() -> int:
     """Peak resident bytes since the last reset (VmHWM), else the process's peak."""
     hwm = _vm("VmHWM")
@@ -72,6 +86,11 @@ class Phases:
 
     def nested(self, prefix: str = "      ") -> "Phases":
         return Phases(lambda line: self.progress(prefix + line), parent=self)
+
+    def child_peak(self, child_peak: int) -> None:
+        """A child process's peak, while this process waited: counted with this one's RSS."""
+        now = _vm("VmRSS") or 0
+        self._report_peak(now + child_peak)
 
     def _report_peak(self, peak: int) -> None:
         self._inner_peak = max(self._inner_peak, peak)

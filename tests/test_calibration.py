@@ -98,9 +98,11 @@ def test_drift_report_fields(int8_build):
         o = g["outputs"]
         assert 0 < o["max_abs_diff"] and 0 < o["mean_abs_diff"] <= o["max_abs_diff"] and -1 <= o["cosine"] <= 1
     assert 0 <= d["router_agreement"] <= 1 and 0 <= d["token_agreement"] <= 1 and d["tokens"] == 32
-    assert d["accuracy"]["questions"] == 6 and set(d["accuracy"]) == {"fp32", "quantized", "drop_points", "questions"}
-    assert d["sizes"]["quantized"] < d["sizes"]["fp32"]
-    assert d["speed"]["fp32"] > 0 and d["speed"]["quantized"] > 0
+    assert d["reference"] == "fp32" and d["precision"] == "int8"
+    assert d["accuracy"]["questions"] == 6 and set(d["accuracy"]) == {"reference", "quantized", "drop_points", "questions"}
+    assert set(d["answer_nll"]) == {"reference", "quantized"} and all(v > 0 for v in d["answer_nll"].values())
+    assert d["sizes"]["quantized"] < d["sizes"]["reference"]
+    assert d["speed"]["reference"] > 0 and d["speed"]["quantized"] > 0
     assert d["threshold"]["max_accuracy_drop"] == 1.0
     assert any(line.startswith("      router decision agreement") for line in lines)
 
@@ -119,9 +121,40 @@ def test_int4_decoder_is_blocked_weight_only(int4_build):
     _trt_legal_qdq(out / "decoder.onnx")
     lm_head = [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits
                and inits[n.input[1]].dims[-1] == 400]
-    assert len(lm_head) == 1 and inits[lm_head[0].input[1]].data_type == TensorProto.FLOAT   # kept full precision
+    assert len(lm_head) == 1 and inits[lm_head[0].input[1]].data_type == TensorProto.FLOAT16   # kept in fp16
+    assert all(inits[n.input[1]].data_type == TensorProto.FLOAT16 for n in dqs)                # W4A16: fp16 scales
     for g in ("vision", "router"):                                     # untouched by int4
         assert not any(n.op_type == "DequantizeLinear" for n in onnx.load(str(out / f"{g}.onnx")).graph.node)
+    manifest = load_manifest(out, verify=True)
+    assert manifest.graphs["decoder"]["inputs"][0]["dtype"] == "float16"
+    assert "quantized graph" in manifest.validation["decoder"]["against"]      # engines are checked against ORT's int4 run
+    assert manifest.validation["vision"].get("against", "PyTorch") == "PyTorch"
+
+
+def test_int4_streams_external_data_to_the_same_graph(int4_build, tmp_path):
+    """The writer reads external weights matrix by matrix: an external-data copy of the
+    fp16 decoder quantizes to the same graph as the inline one."""
+    from avg_edge.calibration.quantize import quantize_int4
+    from avg_edge.export.exporter import BuildOptions, build
+
+    out, res = int4_build
+    fp16 = tmp_path / "fp16"
+    build(BuildOptions(model=res.manifest.source["model"], output=fp16, precision="fp16", opset=21, validate=False,
+                       backend="ort", max_context=4096), progress=lambda s: None)
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    onnx.save(onnx.load(str(fp16 / "decoder.onnx")), str(ext / "decoder.onnx"), save_as_external_data=True,
+              location="decoder.onnx.data", size_threshold=0)
+    quantize_int4(fp16 / "decoder.onnx", tmp_path / "inline.onnx")
+    quantize_int4(ext / "decoder.onnx", ext / "q.onnx")
+    assert (ext / "q.onnx.data").stat().st_size > 0 and not (tmp_path / "inline.onnx.data").exists()
+    rng = np.random.default_rng(0)
+    feeds = {"inputs_embeds": rng.standard_normal((1, 40, 64)).astype(np.float16), "attention_mask": np.ones((1, 40), np.int64),
+             "position_ids": np.arange(40)[None], "logit_positions": np.array([39])}
+    feeds.update({f"past_key_values.{i}.{w}": np.zeros((1, 4, 0, 16), np.float16) for i in range(2) for w in ("key", "value")})
+    a = ort.InferenceSession(str(tmp_path / "inline.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    b = ort.InferenceSession(str(ext / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def test_onnx_runtime_runs_int4_as_matmulnbits(int4_build, tmp_path):

@@ -25,6 +25,12 @@ def check_backend(name: str, what: str = "backend") -> str:
     return name
 
 
+def is_quantized(manifest: Manifest, graph: str) -> bool:
+    """Does the build hold this graph with int8/int4 weights (manifest.quantization)?"""
+    method = ((manifest.quantization or {}).get("graphs", {}).get(graph) or {}).get("method", "")
+    return method.startswith("int")
+
+
 def open_backends(folder: Path, manifest: Manifest, backend: str = "auto", threads: int = 0) -> dict[str, Backend]:
     """One backend per graph of the build, chosen by the policy above."""
     from avg_edge.runtime.backends import trt_backend
@@ -49,7 +55,8 @@ def open_backends(folder: Path, manifest: Manifest, backend: str = "auto", threa
                     log.warning("%s; using ONNX Runtime for %s", e, name)   # auto: never fail for want of an engine
             from avg_edge.runtime.backends.ort_backend import OrtBackend
 
-            opened[name] = OrtBackend(spec, inside(folder, spec.file, "graph file"), threads=threads)
+            opened[name] = OrtBackend(spec, inside(folder, spec.file, "graph file"), threads=threads,
+                                      quantized=is_quantized(manifest, name))
     except BaseException:
         for b in opened.values():
             b.close()

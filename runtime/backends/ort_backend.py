@@ -66,7 +66,8 @@ def ort_cache_dir() -> Path:
 class OrtBackend(Backend):
     name = "ort"
 
-    def __init__(self, spec: GraphSpec, path: Path, providers: str = "auto", threads: int = 0) -> None:
+    def __init__(self, spec: GraphSpec, path: Path, providers: str = "auto", threads: int = 0,
+                 quantized: bool = False) -> None:
         super().__init__(spec)
         import onnxruntime as ort
 
@@ -75,13 +76,16 @@ class OrtBackend(Backend):
         if threads:
             opts.intra_op_num_threads = threads
         wanted = choose_providers(providers, spec, ort_cache_dir())
-        self.lean = _cpu_only(wanted) and any(t.dtype == "float16" for t in spec.inputs)
+        # (Quantized graphs need full optimisation: it fuses their DequantizeLinear into MatMulNBits.)
+        self.lean = _cpu_only(wanted) and not quantized and any(t.dtype == "float16" for t in spec.inputs)
         if self.lean:
             # ONNX Runtime's CPU provider has no fp16 MatMul: it inserts Casts, and full
             # optimisation folds them into an fp32 copy of every weight (twice the fp16
-            # file in memory: 26 GiB for 7B).  Basic optimisation keeps the Casts per call,
-            # at about the same speed here; without the arena, freed memory is returned.
+            # file in memory: 26 GiB for 7B).  Basic optimisation keeps the Casts per call
+            # (about the same speed here), priority-based order runs each Cast next to its
+            # MatMul instead of all first, and without the arena freed memory is returned.
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
             opts.enable_cpu_mem_arena = False
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=wanted)
