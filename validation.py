@@ -61,17 +61,19 @@ def validation_points(spec: S.GraphSpec, attention_heads: int | None = None,
     return points
 
 
-def compared(spec: S.GraphSpec, point: Point, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def compared(spec: S.GraphSpec, point: Point, outputs: dict[str, Any]) -> dict[str, np.ndarray]:
     """The part of each output that validation compares, flattened to fp32: presents only
     at the new positions (the past part is a copy of an input), and a seeded sample of
-    at most SAMPLE values."""
+    at most SAMPLE values.  Outputs may be numpy arrays or anything sliceable that numpy
+    converts (torch tensors): only the compared region is converted."""
     past = point.sizes.get(C.AXIS_PAST, 0)
+    seq = point.sizes.get(C.AXIS_SEQ, 0)
     out = {}
     for t in spec.outputs:
-        a = np.asarray(outputs[t.name])
+        a = outputs[t.name]
         if t.role in (S.PRESENT_KEY, S.PRESENT_VALUE):
-            a = a[:, :, past:, :]
-        flat = a.reshape(-1)
+            a = a[:, :, past:past + seq, :]
+        flat = np.asarray(a).reshape(-1)
         if flat.size > SAMPLE:
             idx = np.sort(np.random.default_rng(_seed(spec.name, point.name, t.name)).choice(flat.size, SAMPLE, replace=False))
             flat = flat[idx]

@@ -84,14 +84,14 @@ def _run(job: GraphJob, conn) -> None:
         spec = S.GraphSpec.from_dict(job.spec)
         model = load_model(job.model, dtype=getattr(torch, job.dtype), only=GRAPH_WEIGHTS[job.graph])
         folder = Path(job.folder)
-        export_graph(graph_module(job.graph, model, spec), spec, folder, job.opset)
         wrapper = None
-        if job.points:
+        if job.points:      # before the export: the exporter keeps the weights it saw reachable
             points = [V.Point(p["name"], p["sizes"], p["seed"], p.get("note", "")) for p in job.points]
             refs = reference_outputs(graph_module(job.graph, model, spec), spec, points)
             np.savez(job.references_file, **refs)
             if job.graph == S.DECODER:
                 wrapper = validate_wrapper(model, spec)
+        export_graph(graph_module(job.graph, model, spec), spec, folder, job.opset)
         conn.send(("ok", JobResult(peak_rss(), graph_bytes(folder, spec.file), wrapper)))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
         conn.send(("error", (category_of(e).name, one_line(e), traceback.format_exc())))

@@ -75,8 +75,10 @@ class DecoderGraph(nn.Module):
         k = attn.k_proj(h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)      # [1, KV, s, hd]
         v = attn.v_proj(h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)      # [1, KV, s, hd]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k = torch.cat([past_k, k], dim=2)                                            # [1, KV, t, hd]
-        v = torch.cat([past_v, v], dim=2)                                            # [1, KV, t, hd]
+        # The cache keeps its own dtype (the graph's; when the reference computes an fp16
+        # build in fp32, the cache stays fp16 and only this layer's copy is upcast).
+        k = torch.cat([past_k.to(k.dtype), k], dim=2)                                # [1, KV, t, hd]
+        v = torch.cat([past_v.to(v.dtype), v], dim=2)                                # [1, KV, t, hd]
         rep = self.n_heads // self.n_kv
         kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k                       # [1, H, t, hd]
         vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
@@ -84,7 +86,7 @@ class DecoderGraph(nn.Module):
         scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).to(vv.dtype)                           # fp32 softmax
         out = (probs @ vv).transpose(1, 2).reshape(b, s, -1)                          # [1, s, H*hd]
-        return attn.o_proj(out), k, v
+        return attn.o_proj(out), k.to(past_k.dtype), v.to(past_v.dtype)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = dict(zip(self.spec.input_names, inputs))

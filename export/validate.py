@@ -13,6 +13,7 @@ from torch import nn
 
 from avg_edge import validation as V
 from avg_edge.export.onnx_export import torch_inputs
+from avg_edge import specs as S
 from avg_edge.specs import DecoderRoles, GraphSpec
 
 
@@ -62,8 +63,11 @@ def fp32_compute(model: nn.Module) -> Iterator[None]:
             h.remove()
 
 
-def _fp32_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in feeds.items()}
+def _fp32_feeds(feeds: dict[str, np.ndarray], spec: GraphSpec | None = None) -> dict[str, np.ndarray]:
+    """fp16 inputs as fp32, except the KV cache: it stays in the graph's dtype (7B's
+    cache at a 4095-token past is 2 GiB in fp16), each layer upcasts its own part."""
+    keep = {t.name for t in spec.inputs if t.role in (S.PAST_KEY, S.PAST_VALUE)} if spec is not None else set()
+    return {k: (v.astype(np.float32) if v.dtype == np.float16 and k not in keep else v) for k, v in feeds.items()}
 
 
 def reference_outputs(module: nn.Module, spec: GraphSpec, points: list[V.Point]) -> dict[str, np.ndarray]:
@@ -72,11 +76,11 @@ def reference_outputs(module: nn.Module, spec: GraphSpec, points: list[V.Point])
     refs: dict[str, np.ndarray] = {}
     with torch.no_grad(), fp32_compute(module):
         for p in points:
-            out = module(*torch_inputs(_fp32_feeds(p.feeds(spec)), spec))
+            out = module(*torch_inputs(_fp32_feeds(p.feeds(spec), spec), spec))
             out = out if isinstance(out, (tuple, list)) else (out,)
-            arrays = {name: o.float().numpy() for name, o in zip(spec.output_names, out)}
-            for name, values in V.compared(spec, p, arrays).items():
+            for name, values in V.compared(spec, p, dict(zip(spec.output_names, out))).items():
                 refs[V.key(spec.name, p.name, name)] = values
+            del out
     return refs
 
 
