@@ -39,7 +39,7 @@ AXIS_LOGITS = "n_logits"
 
 # --- build folder ----------------------------------------------------------------
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = 2          # 2: tensor roles in the specs, a structured chat template
+MANIFEST_FORMAT = 3          # 2: tensor roles, a structured chat template; 3: kv_cache
 EMBED_TABLE_FILE = "embed_tokens.npy"
 IMAGE_NEWLINE_FILE = "image_newline.npy"
 TIMING_CACHE_FILE = "timing.cache"

@@ -16,7 +16,7 @@ from typing import Any
 
 from avg_edge import constants as C
 from avg_edge.errors import BuildFolderError, UsageError
-from avg_edge.specs import GraphSpec
+from avg_edge.specs import DecoderRoles, GraphSpec
 
 REBUILD = "rebuild with avg-export build"
 
@@ -33,7 +33,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "format_version": int, "precision": str, "opset": int, "granularities": list, "pinpoints": list,
     "crop_size": int, "image_mean": list, "image_std": list, "chat_template": dict, "bos_token_id": int,
-    "eos_token_id": int, "context_length": int, "hidden_size": int, "has_router": bool, "graphs": dict,
+    "eos_token_id": int, "context_length": int, "hidden_size": int, "has_router": bool, "kv_cache": str, "graphs": dict,
 }
 
 
@@ -53,6 +53,7 @@ class Manifest:
     context_length: int
     hidden_size: int
     has_router: bool
+    kv_cache: str                               # "inplace" or "concat" (specs.DecoderRoles.kind)
     graphs: dict[str, dict[str, Any]]           # name -> GraphSpec.to_dict()
     files: dict[str, dict[str, Any]] = field(default_factory=dict)   # name -> {sha256, bytes}
     validation: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +92,9 @@ class Manifest:
                 GraphSpec.from_dict(g)
             except (KeyError, TypeError, ValueError) as e:
                 raise BuildFolderError(f"{where}: graph '{name}' is malformed ({type(e).__name__}: {e}); {REBUILD}") from e
+        if "decoder" in m.graphs and DecoderRoles(m.spec("decoder")).kind != m.kv_cache:
+            raise BuildFolderError(f"{where}: 'kv_cache' is {m.kv_cache!r} but the decoder's inputs are of the other kind; "
+                                   f"{REBUILD}")
         return m
 
     def record_files(self, folder: Path) -> None:

@@ -27,6 +27,8 @@ SCORING_LOGITS = 256      # most positions whose logits one prefill returns
 # Tensor roles.  KV roles carry the layer in TensorSpec.layer.
 PIXEL_VALUES, FEATURES, TEXT_EMBEDS, ROUTER_LOGITS = "pixel_values", "features", "text_embeds", "router_logits"
 INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS, LOGIT_POSITIONS = "inputs_embeds", "attention_mask", "position_ids", "logit_positions"
+PAST_LENGTH = "past_length"          # in-place cache: how many cache rows are valid before this call
+KV_CACHES = ("concat", "inplace")
 PAST_KEY, PAST_VALUE, LOGITS, PRESENT_KEY, PRESENT_VALUE = "past_key", "past_value", "logits", "present_key", "present_value"
 
 
@@ -103,8 +105,9 @@ class GraphSpec:
             )
         return out
 
-    def check_inputs(self, feeds: dict[str, Any]) -> None:
-        """Names, dtypes, fixed sizes and axis bounds; consistent axis values across inputs."""
+    def check_inputs(self, feeds: dict[str, Any], trusted: frozenset[str] = frozenset()) -> None:
+        """Names, dtypes, fixed sizes and axis bounds; consistent axis values across inputs.
+        `trusted` inputs are only checked for presence (buffers a backend made itself)."""
         missing = [n for n in self.input_names if n not in feeds]
         extra = [n for n in feeds if n not in self.input_names]
         if missing or extra:
@@ -112,6 +115,8 @@ class GraphSpec:
         seen: dict[str, int] = {}
         axes = self.axes()
         for t in self.inputs:
+            if t.name in trusted:
+                continue
             arr = feeds[t.name]
             if str(arr.dtype) != t.dtype:
                 raise InputError(f"{self.name}.{t.name}: expected dtype {t.dtype}, got {arr.dtype}")
@@ -219,27 +224,51 @@ class DecoderRoles:
         """The dtype of the embeddings the decoder takes (the build's float type)."""
         return np.dtype(self._by_role[(INPUTS_EMBEDS, None)].dtype)
 
-    def empty_past(self) -> dict[str, np.ndarray]:
-        return {t.name: np.zeros(self.spec.shape_of(t, {C.AXIS_PAST: 0}), dtype=t.dtype)
+    @property
+    def kind(self) -> str:
+        """"inplace": a fixed-capacity cache that the graph updates in place (bound as both
+        past and present); "concat": the graph returns past + new as a fresh present."""
+        return "inplace" if (PAST_LENGTH, None) in self._by_role else "concat"
+
+    def aliases(self) -> dict[str, str]:
+        """present -> past names a backend should bind to one buffer (in-place caches)."""
+        return {p.present: p.past for p in self.kv} if self.kind == "inplace" else {}
+
+    def new_cache(self, allocate=None) -> dict[str, Any]:
+        """An empty cache by past name: zero-length pasts (concat), or zeroed buffers of the
+        full capacity made by `allocate(shape, dtype)` (in place; numpy by default)."""
+        allocate = allocate or (lambda shape, dtype: np.zeros(shape, dtype))
+        return {t.name: allocate(self.spec.shape_of(t, {C.AXIS_PAST: 0}), np.dtype(t.dtype))
                 for t in self.spec.inputs if t.role in (PAST_KEY, PAST_VALUE)}
 
-    def prefill_feeds(self, embeds: np.ndarray, logit_positions: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """embeds [1, N, D] with no past; logits at the last position unless told."""
+    def empty_past(self) -> dict[str, np.ndarray]:
+        return self.new_cache()
+
+    def prefill_feeds(self, embeds: np.ndarray, logit_positions: np.ndarray | None = None,
+                      cache: dict[str, Any] | None = None) -> dict[str, Any]:
+        """embeds [1, N, D] at the start of the cache; logits at the last position unless told."""
         n = embeds.shape[1]
         if logit_positions is None:
             logit_positions = np.array([n - 1], np.int64)
-        return {self.name(INPUTS_EMBEDS): embeds, self.name(ATTENTION_MASK): np.ones((1, n), np.int64),
-                self.name(POSITION_IDS): np.arange(n, dtype=np.int64)[None],
-                self.name(LOGIT_POSITIONS): np.asarray(logit_positions, np.int64), **self.empty_past()}
+        return self._feeds(embeds, 0, np.asarray(logit_positions, np.int64), cache if cache is not None else self.new_cache())
 
-    def step_feeds(self, embed: np.ndarray, position: int, past: dict[str, Any]) -> dict[str, Any]:
-        """One new token's embedding [1, 1, D] at `position` after `past` (by past name)."""
-        return {self.name(INPUTS_EMBEDS): embed, self.name(ATTENTION_MASK): np.ones((1, position + 1), np.int64),
-                self.name(POSITION_IDS): np.array([[position]], np.int64),
-                self.name(LOGIT_POSITIONS): np.zeros(1, np.int64), **past}
+    def step_feeds(self, embed: np.ndarray, position: int, cache: dict[str, Any]) -> dict[str, Any]:
+        """One new token's embedding [1, 1, D] at `position`, after `cache` (by past name)."""
+        return self._feeds(embed, position, np.zeros(1, np.int64), cache)
+
+    def _feeds(self, embeds: np.ndarray, past: int, logit_positions: np.ndarray, cache: dict[str, Any]) -> dict[str, Any]:
+        n = embeds.shape[1]
+        feeds = {self.name(INPUTS_EMBEDS): embeds, self.name(POSITION_IDS): (past + np.arange(n, dtype=np.int64))[None],
+                 self.name(LOGIT_POSITIONS): logit_positions, **cache}
+        if self.kind == "inplace":
+            feeds[self.name(PAST_LENGTH)] = np.array([past], np.int64)
+        else:
+            feeds[self.name(ATTENTION_MASK)] = np.ones((1, past + n), np.int64)
+        return feeds
 
     def next_past(self, outputs: dict[str, Any]) -> dict[str, Any]:
-        """The presents a step returned, renamed as the next step's pasts."""
+        """The presents a step returned, as the next step's pasts (the same buffers when
+        the cache is updated in place)."""
         return {p.past: outputs[p.present] for p in self.kv}
 
     def logits(self, outputs: dict[str, Any]) -> Any:
@@ -283,16 +312,24 @@ def router_spec(hidden: int, granularities: tuple[int, ...], b: Bounds, dtype: s
     )
 
 
-def decoder_spec(hidden: int, layers: int, kv_heads: int, head_dim: int, vocab: int, b: Bounds, dtype: str) -> GraphSpec:
+def decoder_spec(hidden: int, layers: int, kv_heads: int, head_dim: int, vocab: int, b: Bounds, dtype: str,
+                 kv_cache: str = "concat") -> GraphSpec:
+    """concat: past [1, KV, past_len, hd] in, present [1, KV, past_len + seq, hd] out.
+    inplace: a cache of the full context [1, KV, ctx, hd] in and out (a backend binds both
+    to one buffer), with `past_length` saying how many rows are valid."""
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache: expected one of {KV_CACHES}, got {kv_cache!r}")
     ctx = b.max_context
-    kv = (1, kv_heads, C.AXIS_PAST, head_dim)
-    kv_out = (1, kv_heads, C.AXIS_TOTAL, head_dim)
-    inputs = [
-        TensorSpec("inputs_embeds", dtype, (1, C.AXIS_SEQ, hidden), INPUTS_EMBEDS),
-        TensorSpec("attention_mask", "int64", (1, C.AXIS_TOTAL), ATTENTION_MASK),
-        TensorSpec("position_ids", "int64", (1, C.AXIS_SEQ), POSITION_IDS),
-        TensorSpec("logit_positions", "int64", (C.AXIS_LOGITS,), LOGIT_POSITIONS),
-    ]
+    inplace = kv_cache == "inplace"
+    kv = (1, kv_heads, ctx, head_dim) if inplace else (1, kv_heads, C.AXIS_PAST, head_dim)
+    kv_out = (1, kv_heads, ctx, head_dim) if inplace else (1, kv_heads, C.AXIS_TOTAL, head_dim)
+    inputs = [TensorSpec("inputs_embeds", dtype, (1, C.AXIS_SEQ, hidden), INPUTS_EMBEDS)]
+    if inplace:
+        inputs.append(TensorSpec("past_length", "int64", (1,), PAST_LENGTH))
+    else:
+        inputs.append(TensorSpec("attention_mask", "int64", (1, C.AXIS_TOTAL), ATTENTION_MASK))
+    inputs += [TensorSpec("position_ids", "int64", (1, C.AXIS_SEQ), POSITION_IDS),
+               TensorSpec("logit_positions", "int64", (C.AXIS_LOGITS,), LOGIT_POSITIONS)]
     outputs = [TensorSpec("logits", "float32", (1, C.AXIS_LOGITS, vocab), LOGITS)]
     for i in range(layers):
         inputs += [TensorSpec(C.past_key_name(i), dtype, kv, PAST_KEY, i),
@@ -300,6 +337,8 @@ def decoder_spec(hidden: int, layers: int, kv_heads: int, head_dim: int, vocab: 
         outputs += [TensorSpec(C.present_key_name(i), dtype, kv_out, PRESENT_KEY, i),
                     TensorSpec(C.present_value_name(i), dtype, kv_out, PRESENT_VALUE, i)]
     # The image bounds the prefill: at least the coarsest granularity's tokens, at most the context.
+    # (In place, past_len names no tensor dimension: it is the value of `past_length`,
+    # kept in the profiles so that validation points cover short and long pasts.)
     prefill_seq = Axis(C.AXIS_SEQ, min(b.min_visual, ctx), min(b.min_visual + b.text_opt, ctx), ctx)
     prefill = Profile("prefill", {
         C.AXIS_SEQ: prefill_seq,
@@ -364,6 +403,8 @@ def make_feeds(spec: GraphSpec, sizes: dict[str, int], rng: np.random.Generator,
         elif t.role == LOGIT_POSITIONS:
             seq = sizes[C.AXIS_SEQ]
             feeds[t.name] = np.arange(seq - shape[0], seq, dtype=np.int64)
+        elif t.role == PAST_LENGTH:
+            feeds[t.name] = np.array([sizes.get(C.AXIS_PAST, 0)], np.int64)
         else:
             feeds[t.name] = rng.standard_normal(shape).astype(dtype or t.dtype)
     return feeds

@@ -66,7 +66,7 @@ def build_quantized(o: BuildOptions, q: QuantOptions, progress: Callable[[str], 
         float_dir = commit.scratch() / p.exported_as
         with ph.phase(f"{p.exported_as} build (opset {opset}), validated against PyTorch (above)"):
             fbuild = build(dataclasses.replace(o, output=float_dir, precision=p.exported_as, backend="ort", opset=opset,
-                                               force=False), phases=ph.nested())
+                                               force=False, kv_cache=o.resolved_kv_cache), phases=ph.nested())
         feeds: dict[str, list] = {}
         with ph.phase("calibration inputs") as detail:
             if p.quantizer == "int8":

@@ -45,6 +45,7 @@ class BuildOptions:
     validate: bool = True
     force: bool = False
     timing_cache: Path | None = None
+    kv_cache: str = "auto"                   # auto | concat | inplace (see resolved_kv_cache)
 
     @property
     def precision_info(self) -> Precision:
@@ -53,6 +54,22 @@ class BuildOptions:
     @property
     def resolved_opset(self) -> int:
         return self.precision_info.opset(self.opset)
+
+    @property
+    def resolved_kv_cache(self) -> str:
+        """auto: in place (ONNX Runtime's GroupQueryAttention, the cache never copied) for
+        builds that ONNX Runtime runs; concat for builds that TensorRT may run (engines
+        requested or possible here) and for quantized builds, whose graphs are meant for
+        TensorRT too: TensorRT cannot parse ONNX Runtime's contrib op."""
+        if self.kv_cache != "auto":
+            return self.kv_cache
+        if self.precision_info.quantizer is not None or self.backend == "trt":
+            return "concat"
+        if self.backend == "auto":
+            from avg_edge.runtime.backends.trt_backend import usable
+
+            return "concat" if usable() else "inplace"
+        return "inplace"
 
 
 @dataclass
@@ -81,6 +98,11 @@ def check_options(o: BuildOptions) -> None:
         hint = " ('onnx' is now called 'ort')" if o.backend == "onnx" else ""
         raise UsageError(f"--backend: expected one of {list(BACKENDS)}, got {o.backend!r}{hint}")
     p.opset(o.opset)
+    if o.kv_cache not in ("auto", *S.KV_CACHES):
+        raise UsageError(f"--kv-cache: expected auto, concat or inplace, got {o.kv_cache!r}")
+    if o.kv_cache == "inplace" and o.backend == "trt":
+        raise UsageError("--kv-cache inplace uses ONNX Runtime's GroupQueryAttention, which TensorRT cannot parse; "
+                         "use --kv-cache concat (or auto) for engines")
     if not Path(o.model).is_dir():
         raise UsageError(f"model folder not found: {o.model} (expected a local checkpoint folder with config.json)")
     check_output(Path(o.output), o.force)
@@ -122,13 +144,14 @@ def bounds_for(config, max_crops: int | None, max_context: int | None) -> S.Boun
                     min_visual=config.granularities[0], max_visual=max_visual)
 
 
-def graph_specs(config, b: S.Bounds, precision_name: str) -> dict[str, S.GraphSpec]:
+def graph_specs(config, b: S.Bounds, precision_name: str, kv_cache: str = "concat") -> dict[str, S.GraphSpec]:
     dt = precision(precision_name).float_dtype           # quantized graphs keep fp32 I/O
     t = config.text
     out = {S.VISION: S.vision_spec(t.hidden_size, config.granularities, b, config.crop_size, dt)}
     if config.has_router:
         out[S.ROUTER] = S.router_spec(t.hidden_size, config.granularities, b, dt)
-    out[S.DECODER] = S.decoder_spec(t.hidden_size, t.num_hidden_layers, t.num_key_value_heads, t.head_dim, t.vocab_size, b, dt)
+    out[S.DECODER] = S.decoder_spec(t.hidden_size, t.num_hidden_layers, t.num_key_value_heads, t.head_dim, t.vocab_size,
+                                    b, dt, kv_cache)
     return out
 
 
@@ -164,7 +187,8 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print, phases: Phas
     ph = phases if phases is not None else Phases(progress)
     config = AvgLlavaConfig.from_folder(o.model)
     b = bounds_for(config, o.max_crops, o.max_context)
-    specs = graph_specs(config, b, o.precision)
+    kv_cache = o.resolved_kv_cache
+    specs = graph_specs(config, b, o.precision, kv_cache)
     ph.total = ph.count + 2 + len(specs) * (2 if o.validate else 1) + 2
     heads = config.text.num_attention_heads
     points = {n: V.validation_points(s, heads if n == S.DECODER else None) for n, s in specs.items()}
@@ -193,7 +217,8 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print, phases: Phas
                     refs.update(V.load_references(job.references_file))
                     job.references_file.unlink()
                     wrapper_diff = result.wrapper_diff if result.wrapper_diff is not None else wrapper_diff
-                detail.text = f"({o.precision}, opset {opset}, {result.graph_bytes / GIB:.2f} GiB)"
+                detail.text = (f"({o.precision}, opset {opset}, {result.graph_bytes / GIB:.2f} GiB"
+                           + (f", {kv_cache} KV cache)" if name == S.DECODER else ")"))
         if o.validate:
             V.save_references(tmp / C.REFERENCE_FILE, refs)
 
@@ -230,7 +255,7 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print, phases: Phas
             chat_template=DEFAULT_TEMPLATE.to_dict(),
             bos_token_id=config.text.bos_token_id, eos_token_id=config.text.eos_token_id,
             context_length=b.max_context, hidden_size=config.hidden_size, has_router=config.has_router,
-            graphs={n: s.to_dict() for n, s in specs.items()},
+            kv_cache=kv_cache, graphs={n: s.to_dict() for n, s in specs.items()},
             validation={n: v.to_dict() for n, v in validation.items()} | (
                 {"decoder_code_vs_transformers": wrapper_diff} if wrapper_diff is not None else {}),
             tools=tool_versions(), source={"model": str(Path(o.model).resolve()), "layout": config.source_layout},

@@ -19,6 +19,77 @@ from avg_edge import specs as S
 from avg_edge.model.llava import AvgLlavaModel
 
 
+# -- attention over a fixed-capacity cache updated in place -----------------------------------
+@torch.library.custom_op("avg_edge::cached_attention", mutates_args=())
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                     past_length: torch.Tensor, num_heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [1, s, H*hd], k/v [1, s, KV*hd] (q and k already rotated), cache [1, KV, cap, hd]
+    with `past_length` valid rows -> (out [1, s, H*hd], cache with rows past..past+s
+    written).  Causal over the cache: query i sees rows 0..past+i.  The same maths as
+    the concat path; in ONNX it becomes ONNX Runtime's GroupQueryAttention, which writes
+    the new rows into a cache bound as both its past and its present."""
+    b, s, _ = q.shape
+    hd = cache_k.shape[-1]
+    past = int(past_length.reshape(-1)[0])
+    kn = k.view(b, s, kv_heads, hd).transpose(1, 2)                             # [1, KV, s, hd]
+    vn = v.view(b, s, kv_heads, hd).transpose(1, 2)
+    ck, cv = cache_k.clone(), cache_v.clone()
+    ck[:, :, past:past + s] = kn.to(ck.dtype)
+    cv[:, :, past:past + s] = vn.to(cv.dtype)
+    rep = num_heads // kv_heads
+    kk = ck[:, :, :past + s].to(q.dtype).repeat_interleave(rep, dim=1)           # [1, H, t, hd]
+    vv = cv[:, :, :past + s].to(q.dtype).repeat_interleave(rep, dim=1)
+    qh = q.view(b, s, num_heads, hd).transpose(1, 2)                             # [1, H, s, hd]
+    scores = (qh @ kk.transpose(2, 3)).float() / math.sqrt(hd)                   # [1, H, s, t] fp32
+    allowed = torch.arange(past + s)[None, :] <= (past + torch.arange(s))[:, None]
+    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    out = (torch.softmax(scores, dim=-1).to(vv.dtype) @ vv).transpose(1, 2).reshape(b, s, -1)
+    return out, ck, cv
+
+
+@cached_attention.register_fake
+def _(q, k, v, cache_k, cache_v, past_length, num_heads, kv_heads):
+    return torch.empty_like(q), torch.empty_like(cache_k), torch.empty_like(cache_v)
+
+
+def cached_attention_onnx(q, k, v, cache_k, cache_v, past_length, num_heads: int, kv_heads: int):
+    """ONNX for cached_attention: com.microsoft.GroupQueryAttention with seqlens_k = past + s - 1
+    and total_sequence_length = past + s."""
+    from onnxscript import INT32
+    from onnxscript import opset18 as op
+    from onnxscript.values import Op, Opset
+
+    group_query_attention = Op(Opset("com.microsoft", 1), "GroupQueryAttention", _gqa_schema())
+    total = op.Add(past_length, op.Shape(q, start=1, end=2))                    # [1] int64
+    seqlens_k = op.Cast(op.Sub(total, op.Constant(value_ints=[1])), to=INT32.dtype)
+    total_len = op.Cast(op.Squeeze(total, op.Constant(value_ints=[0])), to=INT32.dtype)
+    out, present_k, present_v = group_query_attention(q, k, v, cache_k, cache_v, seqlens_k, total_len,
+                                                      num_heads=num_heads, kv_num_heads=kv_heads, _num_outputs=3)
+    return out, present_k, present_v
+
+
+def _gqa_schema():
+    """onnx knows no schema for ONNX Runtime's contrib ops and the exporter's tracer needs
+    one: GroupQueryAttention's signature, as far as this graph uses it (ORT's docs,
+    com.microsoft.GroupQueryAttention, version 1)."""
+    from onnx.defs import OpSchema
+
+    P = OpSchema.FormalParameter
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    return OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=[P("query", "T"), P("key", "T"), P("value", "T"), P("past_key", "T"), P("past_value", "T"),
+                P("seqlens_k", "M"), P("total_sequence_length", "M")],
+        outputs=[P("output", "T"), P("present_key", "T"), P("present_value", "T")],
+        type_constraints=[("T", floats, "float tensors"), ("M", ["tensor(int32)"], "lengths")],
+        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads"),
+                    OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "key/value heads")],
+    )
+
+
+CUSTOM_TRANSLATIONS = {torch.ops.avg_edge.cached_attention.default: cached_attention_onnx}
+
+
 class VisionGraph(nn.Module):
     """pixel_values [crops, 3, 336, 336] -> features_g [crops, g, D] for every granularity."""
 
@@ -68,6 +139,18 @@ class DecoderGraph(nn.Module):
         self.spec = spec
         self.roles = S.DecoderRoles(spec)
 
+    def _attend_inplace(self, layer, h: torch.Tensor, cos, sin, cache_k, cache_v, past_length):
+        attn = layer.self_attn
+        b, s, _ = h.shape
+        q = attn.q_proj(h).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)   # [1, H, s, hd]
+        k = attn.k_proj(h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)      # [1, KV, s, hd]
+        v = attn.v_proj(h)                                                          # [1, s, KV*hd]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        out, ck, cv = torch.ops.avg_edge.cached_attention(
+            q.transpose(1, 2).reshape(b, s, -1), k.transpose(1, 2).reshape(b, s, -1), v, cache_k, cache_v,
+            past_length, self.n_heads, self.n_kv)
+        return attn.o_proj(out), ck, cv
+
     def _attend(self, layer, h: torch.Tensor, cos, sin, past_k, past_v, allowed):
         attn = layer.self_attn
         b, s, _ = h.shape
@@ -91,21 +174,26 @@ class DecoderGraph(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = dict(zip(self.spec.input_names, inputs))
         r = self.roles
-        inputs_embeds, attention_mask = x[r.name(S.INPUTS_EMBEDS)], x[r.name(S.ATTENTION_MASK)]
+        inputs_embeds = x[r.name(S.INPUTS_EMBEDS)]
         position_ids, logit_positions = x[r.name(S.POSITION_IDS)], x[r.name(S.LOGIT_POSITIONS)]
-        s = inputs_embeds.shape[1]
-        t = attention_mask.shape[1]
-        past_len = t - s
-        query_pos = torch.arange(s, device=inputs_embeds.device) + past_len          # [s]
-        key_pos = torch.arange(t, device=inputs_embeds.device)                       # [t]
-        causal = key_pos[None, :] <= query_pos[:, None]                              # [s, t]
-        allowed = (causal[None, None] & (attention_mask[:, None, None, :] > 0))      # [1, 1, s, t]
+        if r.kind == "inplace":
+            past_length = x[r.name(S.PAST_LENGTH)]
+            attend = lambda layer, h, pk, pv: self._attend_inplace(layer, h, cos, sin, pk, pv, past_length)  # noqa: E731
+        else:
+            attention_mask = x[r.name(S.ATTENTION_MASK)]
+            s = inputs_embeds.shape[1]
+            t = attention_mask.shape[1]
+            query_pos = torch.arange(s, device=inputs_embeds.device) + (t - s)            # [s]
+            key_pos = torch.arange(t, device=inputs_embeds.device)                       # [t]
+            causal = key_pos[None, :] <= query_pos[:, None]                              # [s, t]
+            allowed = (causal[None, None] & (attention_mask[:, None, None, :] > 0))      # [1, 1, s, t]
+            attend = lambda layer, h, pk, pv: self._attend(layer, h, cos, sin, pk, pv, allowed)  # noqa: E731
         cos, sin = self.rotary(inputs_embeds, position_ids)                          # [1, s, hd]
         h = inputs_embeds
         out: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             past_k, past_v = x[r.name(S.PAST_KEY, i)], x[r.name(S.PAST_VALUE, i)]
-            a, k, v = self._attend(layer, layer.input_layernorm(h), cos, sin, past_k, past_v, allowed)
+            a, k, v = attend(layer, layer.input_layernorm(h), past_k, past_v)
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             out[r.name(S.PRESENT_KEY, i)], out[r.name(S.PRESENT_VALUE, i)] = k, v

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from avg_edge.errors import BuildError
+from avg_edge.export.graphs import CUSTOM_TRANSLATIONS
 from avg_edge.specs import DERIVED_AXES, GraphSpec, example_sizes, make_feeds
 
 
@@ -96,6 +97,7 @@ def export_graph(module: nn.Module, spec: GraphSpec, out_dir: Path, opset: int) 
                 input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_shapes=dynamic_shapes(module, spec),
                 external_data=weight_bytes > EXTERNAL_DATA_BYTES, optimize=True, verbose=False,
+                custom_translation_table=CUSTOM_TRANSLATIONS,
             )
     except Exception as e:  # the exporter raises many types; keep its log for the user
         log = path.with_suffix(".export.log")

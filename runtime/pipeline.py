@@ -320,12 +320,14 @@ class TokenStream:
         dec = pipe.backends[S.DECODER]
         eos = pipe.manifest.eos_token_id
         logits_name = roles.name(S.LOGITS)
-        feeds = roles.prefill_feeds(self.prepared.embeds)
-        dec.spec.check_inputs(feeds)
+        aliases = roles.aliases()           # in place: each present is written into its past's buffer
+        cache = roles.new_cache(dec.allocate if aliases else None)
+        feeds = roles.prefill_feeds(self.prepared.embeds, cache=cache)
+        dec.spec.check_inputs(feeds, trusted=frozenset(cache) if aliases else frozenset())
         rng = np.random.default_rng(self.sampling.seed)
         pos = self.prepared.embeds.shape[1]
         t0 = time.perf_counter()
-        out = dec.infer_kv(feeds, to_host=(logits_name,))                    # prefill
+        out = dec.infer_kv(feeds, (logits_name,), aliases)                    # prefill
         self.first_token_at = time.perf_counter()
         self.prefill_seconds = self.first_token_at - t0
         t0 = self.first_token_at
@@ -340,7 +342,7 @@ class TokenStream:
                 self.finish_reason = "length"
                 break
             embed = np.asarray(pipe.embed_table[[token]], dtype=pipe.dtype)[None]
-            out = dec.infer_kv(roles.step_feeds(embed, pos, roles.next_past(out)), to_host=(logits_name,))
+            out = dec.infer_kv(roles.step_feeds(embed, pos, roles.next_past(out)), (logits_name,), aliases)
             pos += 1
         self.decode_seconds = time.perf_counter() - t0 if self.count else 0.0
 

@@ -56,6 +56,17 @@ def tiny_build(tiny_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_concat_build(tiny_ckpt, tmp_path_factory) -> Path:
+    """The tiny checkpoint with the concat KV cache (the form TensorRT runs)."""
+    from avg_edge.export.exporter import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("builds") / "tiny-concat"
+    build(BuildOptions(model=tiny_ckpt, output=out, kv_cache="concat", validate=False, backend="ort"),
+          progress=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_context_build(tiny_ckpt, tmp_path_factory) -> Path:
     """The tiny checkpoint with a 256-token context: a 576-granularity prompt does not fit."""
     from avg_edge.export.exporter import BuildOptions, build

@@ -140,7 +140,7 @@ def test_int4_streams_external_data_to_the_same_graph(int4_build, tmp_path):
     out, res = int4_build
     fp16 = tmp_path / "fp16"
     build(BuildOptions(model=res.manifest.source["model"], output=fp16, precision="fp16", opset=21, validate=False,
-                       backend="ort", max_context=4096), progress=lambda s: None)
+                       backend="ort", max_context=4096, kv_cache="concat"), progress=lambda s: None)
     ext = tmp_path / "ext"
     ext.mkdir()
     onnx.save(onnx.load(str(fp16 / "decoder.onnx")), str(ext / "decoder.onnx"), save_as_external_data=True,

@@ -68,12 +68,13 @@ def test_manifest_contents(fp32_build, tiny_ckpt):
     assert m.tensorrt is None and m.engines == {}
 
 
-def test_onnx_graphs_reproduce_the_reference_greedy_answer(fp32_build, tiny_model):
-    """Independent of the build's own validation: run the three graphs by hand on a real
-    image and prompt and compare with the reference's choice and greedy tokens."""
+def test_onnx_graphs_reproduce_the_reference_greedy_answer(tiny_concat_build, tiny_model):
+    """Independent of the build's own validation: run the three graphs by hand (the concat
+    cache, whose convention is written out here) on a real image and prompt and compare
+    with the reference's choice and greedy tokens."""
     import onnxruntime as ort
 
-    out, result, _ = fp32_build
+    out = tiny_concat_build
     sess = {g: ort.InferenceSession(str(out / f"{g}.onnx"), providers=["CPUExecutionProvider"]) for g in ("vision", "router", "decoder")}
     image, question = textured_image(500, 380, seed=11), "What colour is the background?"
     ref = tiny_model.generate(image, question, max_new_tokens=8)
@@ -158,8 +159,14 @@ def test_inspect_prints_manifest_and_io_tables(fp32_build):
     r = runner.invoke(export_app, ["inspect", str(out), "--verify"], terminal_width=200)
     assert r.exit_code == 0, r.output
     assert f"format {C.MANIFEST_FORMAT}, fp32, opset 18, context 4096, router: yes" in r.output
-    assert "past_key_values.1.value" in r.output and "[1, 4, past_len[0..4095], 16]" in r.output
+    assert "KV cache inplace" in r.output and "past_length" in r.output
+    assert "past_key_values.1.value" in r.output and "[1, 4, 4096, 16]" in r.output          # the cache's capacity
     assert "profile decode: seq_len 1/1/1" in r.output and "TensorRT engines: none" in r.output
+
+
+def test_inspect_shows_the_concat_cache(tiny_concat_build):
+    r = runner.invoke(export_app, ["inspect", str(tiny_concat_build)], terminal_width=200)
+    assert r.exit_code == 0 and "KV cache concat" in r.output and "[1, 4, past_len[0..4095], 16]" in r.output
 
 
 @pytest.mark.parametrize("args,code,match", [

@@ -25,12 +25,13 @@ def _ask(generate, case):
     return generate(sample("test", case["index"]).image, case["question"], granularity=case["granularity"], max_new_tokens=8)
 
 
-@pytest.fixture(scope="module")
-def demo_build(tmp_path_factory):
+@pytest.fixture(scope="module", params=["inplace", "concat"])
+def demo_build(tmp_path_factory, request):
     from avg_edge.export.exporter import BuildOptions, build
 
-    out = tmp_path_factory.mktemp("demo") / "fp32"
-    build(BuildOptions(model=CHECKPOINT, output=out, validate=False, backend="ort"), progress=lambda s: None)
+    out = tmp_path_factory.mktemp("demo") / f"fp32-{request.param}"
+    build(BuildOptions(model=CHECKPOINT, output=out, validate=False, backend="ort", kv_cache=request.param),
+          progress=lambda s: None)
     return out
 
 

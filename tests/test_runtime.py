@@ -22,10 +22,20 @@ def pipe(tiny_build):
     return Pipeline.load(tiny_build[0], backend="ort")
 
 
+@pytest.fixture(scope="module")
+def concat_pipe(tiny_concat_build):
+    return Pipeline.load(tiny_concat_build, backend="ort")
+
+
+@pytest.mark.parametrize("kv_cache", ["inplace", "concat"])
 @pytest.mark.parametrize("image", sorted(IMAGES))
-def test_greedy_tokens_equal_the_reference(pipe, tiny_model, image):
+def test_greedy_tokens_equal_the_reference(pipe, concat_pipe, tiny_model, image, kv_cache):
     """The contract: for an fp32 build, same router choice and same greedy tokens as
-    PyTorch for every image shape x question x {router, each fixed granularity}."""
+    PyTorch for every image shape x question x {router, each fixed granularity}, with
+    either KV cache."""
+    if kv_cache == "concat":
+        pipe = concat_pipe
+    assert pipe.manifest.kv_cache == kv_cache
     img = textured_image(*IMAGES[image], seed=len(image))
     for question in QUESTIONS:
         for g in SETTINGS:
@@ -51,6 +61,28 @@ def test_only_the_chosen_granularity_reaches_the_decoder(pipe):
     assert seen[0] == 166 + len(prep.ids_before) + len(prep.ids_after)              # prefill: 166 visual + prompt
     assert seen[1:] == [1] * len(r.token_ids[1:])                                   # then one token per step
     assert recorders["router"].feeds == []                                          # fixed granularity: no router
+
+
+def test_inplace_cache_is_written_into_its_own_buffer(pipe):
+    """No copy of the cache: each present comes back as the very buffer bound as its past,
+    holding the new rows; the concat graph would return fresh, longer arrays."""
+    import onnxruntime as ort
+
+    roles, dec = pipe.decoder_roles, pipe.backends["decoder"]
+    assert roles.kind == "inplace" and set(roles.aliases()) == {p.present for p in roles.kv}
+    cache = roles.new_cache(dec.allocate)
+    ptrs = {k: v.data_ptr() for k, v in cache.items()}
+    emb = np.random.default_rng(0).standard_normal((1, 50, 64)).astype(np.float32)
+    out = dec.infer_kv(roles.prefill_feeds(emb, cache=cache), ("logits",), roles.aliases())
+    for p in roles.kv:
+        assert out[p.present] is cache[p.past] and out[p.present].data_ptr() == ptrs[p.past]
+        assert isinstance(out[p.present], ort.OrtValue) and out[p.present].shape() == [1, 4, 4096, 16]
+    step = dec.infer_kv(roles.step_feeds(emb[:, :1], 50, roles.next_past(out)), ("logits",), roles.aliases())
+    first = roles.kv[0]
+    assert step[first.present].data_ptr() == ptrs[first.past]
+    ref = dec.infer(roles.prefill_feeds(np.concatenate([emb, emb[:, :1]], 1)), check=False)   # one 51-token prefill
+    np.testing.assert_allclose(step["logits"][0, -1], ref["logits"][0, -1], atol=1e-4)
+    np.testing.assert_allclose(step[first.present].numpy()[:, :, :51], ref[first.present][:, :, :51], atol=1e-5)
 
 
 def test_timings_are_filled(pipe):

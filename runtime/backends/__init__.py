@@ -43,6 +43,9 @@ def open_backends(folder: Path, manifest: Manifest, backend: str = "auto", threa
             spec = manifest.spec(name)
             if use_trt:
                 try:
+                    if name == "decoder" and manifest.kv_cache == "inplace":
+                        raise BackendUnavailable(f"{folder}: the decoder updates its cache in place with ONNX Runtime's "
+                                                 "GroupQueryAttention, which TensorRT cannot run")
                     if name not in manifest.engines:
                         raise BackendError(f"{folder}: no TensorRT engine for {name}; "
                                            f"make them with: avg-export engines {folder}")

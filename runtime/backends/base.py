@@ -18,7 +18,9 @@ class Backend:
 
     `infer_kv` is the decode loop's fast path: outputs not named in `to_host` may stay
     in the backend's own memory (an OrtValue, a device buffer) and be fed back as inputs
-    of the next call without a copy.  A backend without such memory returns numpy."""
+    of the next call without a copy; `aliases` (output -> input) asks for an output to be
+    written into its input's buffer (an in-place KV cache; buffers from `allocate`).  A
+    backend without such memory returns numpy (then an aliased output is a new array)."""
 
     name = "base"
 
@@ -37,8 +39,13 @@ class Backend:
             self.spec.check_inputs(feeds)
         return self._timed(self._infer_impl, feeds)
 
-    def infer_kv(self, feeds: dict[str, Any], to_host: tuple[str, ...]) -> dict[str, Any]:
-        return self._timed(self._infer_kv_impl, feeds, to_host)
+    def infer_kv(self, feeds: dict[str, Any], to_host: tuple[str, ...],
+                 aliases: dict[str, str] | None = None) -> dict[str, Any]:
+        return self._timed(self._infer_kv_impl, feeds, to_host, aliases or {})
+
+    def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """A buffer in this backend's memory for an in-place cache (contents undefined)."""
+        return np.zeros(shape, dtype)
 
     def _timed(self, fn, *args: Any) -> dict[str, Any]:
         if self.closed:
@@ -54,7 +61,7 @@ class Backend:
     def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # pragma: no cover
         raise NotImplementedError
 
-    def _infer_kv_impl(self, feeds: dict[str, Any], to_host: tuple[str, ...]) -> dict[str, Any]:
+    def _infer_kv_impl(self, feeds: dict[str, Any], to_host: tuple[str, ...], aliases: dict[str, str]) -> dict[str, Any]:
         return self._infer_impl(feeds)
 
     def describe(self) -> str:

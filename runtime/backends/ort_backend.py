@@ -113,9 +113,15 @@ class OrtBackend(Backend):
             raise BackendError(f"ONNX Runtime failed on {self.spec.name}: {str(e).splitlines()[0][:300]}") from e
 
     # -- IO binding: outputs stay as OrtValues on the device, fed back without copies --
-    def _infer_kv_impl(self, feeds: dict[str, Any], to_host: tuple[str, ...]) -> dict[str, Any]:
+    def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self._device)
+
+    def _infer_kv_impl(self, feeds: dict[str, Any], to_host: tuple[str, ...], aliases: dict[str, str]) -> dict[str, Any]:
         """Inputs may be OrtValues; only `to_host` outputs become numpy, the rest stay
-        OrtValues (the KV cache never leaves the device)."""
+        OrtValues (the KV cache never leaves the device).  An aliased output is bound to
+        its input's OrtValue: the graph writes into it, nothing is copied."""
         import onnxruntime as ort
 
         binding = self.session.io_binding()
@@ -125,12 +131,16 @@ class OrtBackend(Backend):
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.spec.output_names:
-            binding.bind_output(name, "cpu" if name in to_host else self._device)
+            source = feeds.get(aliases.get(name, ""))
+            if isinstance(source, ort.OrtValue):
+                binding.bind_ortvalue_output(name, source)
+            else:
+                binding.bind_output(name, "cpu" if name in to_host else self._device)
         try:
             self.session.run_with_iobinding(binding)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendError(f"ONNX Runtime failed on {self.spec.name}: {str(e).splitlines()[0][:300]}") from e
-        return {name: (v.numpy() if name in to_host else v)
+        return {name: (v.numpy() if name in to_host else feeds[aliases[name]] if name in aliases else v)
                 for name, v in zip(self.spec.output_names, binding.get_outputs())}
 
     def close(self) -> None:

@@ -200,13 +200,16 @@ class TrtBackend(Backend):
         return ptr
 
     def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._infer_kv_impl(feeds, to_host=tuple(self.spec.output_names))
+        return self._infer_kv_impl(feeds, tuple(self.spec.output_names), {})
 
-    def _infer_kv_impl(self, feeds: dict[str, Any], to_host: tuple[str, ...]) -> dict[str, Any]:
+    def _infer_kv_impl(self, feeds: dict[str, Any], to_host: tuple[str, ...], aliases: dict[str, str]) -> dict[str, Any]:
         """Inputs may be DeviceArrays (no copy); outputs not in `to_host` stay on the GPU as
         DeviceArrays.  Those live in two alternating buffers per name, so the KV cache a
         step returns can feed the next step while that step writes the other buffer.
         A returned DeviceArray is valid until the second call after the one that made it."""
+        if aliases:
+            raise BackendError(f"{self.spec.name}: in-place caches are not supported by this TensorRT backend; "
+                               "rebuild with --kv-cache concat")
         cudart, ctx = self._cudart, self.context
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         shapes = {n: tuple(v.shape if isinstance(v, DeviceArray) else np.shape(v)) for n, v in feeds.items()}
