@@ -9,6 +9,7 @@ CLIPImageProcessor does it. Pinpoints are (width, height), as in the original.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -123,11 +124,28 @@ def divide_to_tiles(image: Image.Image, crop_size: int) -> list[Image.Image]:
 
 
 def _normalize(crops: list[Image.Image], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 HWC crops -> float32 [N, 3, H, W], as CLIPImageProcessor's rescale + normalize."""
-    stacked = np.stack([np.asarray(c, dtype=np.uint8) for c in crops])  # [N, H, W, 3]
-    scaled = (stacked.astype(np.float64) * _RESCALE).astype(np.float32)
-    normed = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(normed.transpose(0, 3, 1, 2))
+    """uint8 HWC crops -> float32 [N, 3, H, W], as CLIPImageProcessor's rescale + normalize.
+
+    A uint8 channel has 256 values, so the float64 rescale, the float32 cast and the
+    normalisation are done once per value (a [3, 256] table, bit-identical to doing them
+    per pixel) and each channel is one table lookup written straight into the output:
+    no float64 image and no temporaries (their first-touch page faults made the first
+    call of a process 2-3x slower than the next).
+    """
+    table = _value_table(tuple(mean), tuple(std))                                # [3, 256]
+    size = crops[0].size
+    out = np.empty((len(crops), 3, size[1], size[0]), np.float32)
+    for i, crop in enumerate(crops):
+        pixels = np.asarray(crop, dtype=np.uint8)                                # [H, W, 3]
+        for c in range(3):
+            np.take(table[c], pixels[:, :, c], out=out[i, c])
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _value_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    values = (np.arange(256, dtype=np.float64) * _RESCALE).astype(np.float32)   # [256]
+    return (values[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
 
 
 def preprocess_image(image: Image.Image, config: PreprocessConfig = PreprocessConfig()) -> PreprocessedImage:
