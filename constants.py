@@ -30,7 +30,6 @@ VICUNA_V1_SYSTEM = (
 
 # --- graph axes and tensor names (export specs and runtime checks use these) ----
 AXIS_CROPS = "crops"
-AXIS_TEXT = "text_len"
 AXIS_SEQ = "seq_len"
 AXIS_PAST = "past_len"
 AXIS_TOTAL = "total_len"
@@ -39,7 +38,8 @@ AXIS_LOGITS = "n_logits"
 
 # --- build folder ----------------------------------------------------------------
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = 3          # 2: tensor roles, a structured chat template; 3: kv_cache
+MANIFEST_FORMAT = 4          # 2: tensor roles, a structured chat template; 3: kv_cache; 4: the router split
+ROUTER_TEXT_FILE = "router_text.npz"   # the router's per-token table (runtime/router.py)
 EMBED_TABLE_FILE = "embed_tokens.npy"
 IMAGE_NEWLINE_FILE = "image_newline.npy"
 TIMING_CACHE_FILE = "timing.cache"

@@ -65,6 +65,7 @@ class Manifest:
     drift: dict[str, Any] | None = None                               # int8/int4: the drift report against fp32
     realign: dict[str, Any] | None = None                             # after avg-export realign: its report
     phases: list[dict[str, Any]] = field(default_factory=list)        # the build's phases: seconds, peak RSS
+    router: dict[str, Any] | None = None     # has_router: {"text_file": the per-token table, "text_candidates": k}
 
     def spec(self, graph: str) -> GraphSpec:
         if graph not in self.graphs:
@@ -92,6 +93,10 @@ class Manifest:
                 GraphSpec.from_dict(g)
             except (KeyError, TypeError, ValueError) as e:
                 raise BuildFolderError(f"{where}: graph '{name}' is malformed ({type(e).__name__}: {e}); {REBUILD}") from e
+        if m.has_router and not (isinstance(m.router, dict) and isinstance(m.router.get("text_file"), str)
+                                 and isinstance(m.router.get("text_candidates"), int)):
+            raise BuildFolderError(f"{where}: 'router' should be an object with 'text_file' and 'text_candidates' "
+                                   f"when has_router is true, got {m.router!r:.60}; {REBUILD}")
         if "decoder" in m.graphs and DecoderRoles(m.spec("decoder")).kind != m.kv_cache:
             raise BuildFolderError(f"{where}: 'kv_cache' is {m.kv_cache!r} but the decoder's inputs are of the other kind; "
                                    f"{REBUILD}")

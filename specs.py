@@ -25,7 +25,9 @@ GRAPHS = (VISION, ROUTER, DECODER)
 SCORING_LOGITS = 256      # most positions whose logits one prefill returns
 
 # Tensor roles.  KV roles carry the layer in TensorSpec.layer.
-PIXEL_VALUES, FEATURES, TEXT_EMBEDS, ROUTER_LOGITS = "pixel_values", "features", "text_embeds", "router_logits"
+PIXEL_VALUES, FEATURES = "pixel_values", "features"
+# The router graph's outputs (its text part is a table, see model/router.py and runtime/router.py).
+ROUTER_IMAGE_VOTES, ROUTER_TEXT_DIRECTION = "router_image_votes", "router_text_direction"
 INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS, LOGIT_POSITIONS = "inputs_embeds", "attention_mask", "position_ids", "logit_positions"
 PAST_LENGTH = "past_length"          # in-place cache: how many cache rows are valid before this call
 KV_CACHES = ("concat", "inplace")
@@ -80,6 +82,13 @@ class GraphSpec:
     @property
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
+
+    def name_of(self, role: str) -> str:
+        """The name of the one tensor with `role` (roles without a layer)."""
+        names = [t.name for t in (*self.inputs, *self.outputs) if t.role == role and t.layer is None]
+        if len(names) != 1:
+            raise InputError(f"{self.name}: expected one tensor with role {role!r}, found {names}")
+        return names[0]
 
     def axes(self) -> dict[str, Axis]:
         """Every axis at its widest bounds over all profiles."""
@@ -301,14 +310,17 @@ def vision_spec(hidden: int, granularities: tuple[int, ...], b: Bounds, crop: in
 
 
 def router_spec(hidden: int, granularities: tuple[int, ...], b: Bounds, dtype: str) -> GraphSpec:
+    """The image part of the router (from the finest features; the coarser ones are its
+    pools): its rows' votes and the filter's direction.  The question's part is a
+    per-token table the runtime combines them with (runtime/router.py)."""
     crops = Axis(C.AXIS_CROPS, 1, min(3, b.max_crops), b.max_crops)
-    text = Axis(C.AXIS_TEXT, 1, min(b.text_opt, b.max_context), b.max_context)
+    finest = granularities[-1]
     return GraphSpec(
         ROUTER,
-        inputs=tuple(TensorSpec(feature_name(g), dtype, (C.AXIS_CROPS, g, hidden), FEATURES) for g in granularities)
-        + (TensorSpec("text_embeds", dtype, (C.AXIS_TEXT, hidden), TEXT_EMBEDS),),
-        outputs=(TensorSpec("logits", "float32", (len(granularities),), ROUTER_LOGITS),),
-        profiles=(Profile("default", {C.AXIS_CROPS: crops, C.AXIS_TEXT: text}),),
+        inputs=(TensorSpec(feature_name(finest), dtype, (C.AXIS_CROPS, finest, hidden), FEATURES),),
+        outputs=(TensorSpec("image_votes", "float32", (len(granularities),), ROUTER_IMAGE_VOTES),
+                 TensorSpec("text_direction", "float32", (hidden,), ROUTER_TEXT_DIRECTION)),
+        profiles=(Profile("default", {C.AXIS_CROPS: crops}),),
     )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from avg_edge import constants as C
 from avg_edge import specs as S
+from avg_edge import validation as V
 from avg_edge.calibration.data import CalibSample, demo_samples, load_samples
 from avg_edge.errors import UsageError
 from avg_edge.manifest import BuildCommit, load_manifest
@@ -76,7 +77,8 @@ def router_stats(pipe: Pipeline, samples: list[CalibSample], nlls: list[np.ndarr
 def realign(build_dir: Path, o: RealignOptions, progress: Callable[[str], None] = print) -> dict[str, Any]:
     import torch
 
-    from avg_edge.export.graphs import RouterGraph, to_precision
+    from avg_edge.export.graphs import RouterGraph, router_text_table, to_precision
+    from avg_edge.export.validate import reference_outputs
     from avg_edge.export.onnx_export import export_graph
     from avg_edge.model import load_model
     from avg_edge.model.rglf import rglf_loss
@@ -135,7 +137,19 @@ def realign(build_dir: Path, o: RealignOptions, progress: Callable[[str], None] 
         dtype = torch.float16 if spec.inputs[0].dtype == "float16" else torch.float32
         for f in commit.folder.glob(spec.file + "*"):
             f.unlink()
-        export_graph(RouterGraph(to_precision(model, dtype)), spec, commit.folder, m.opset)
+        model = to_precision(model, dtype)
+        # The router's table and its stored reference outputs follow its new weights (both
+        # are hard links to the old build's files until replaced here).
+        (commit.folder / m.router["text_file"]).unlink(missing_ok=True)
+        np.savez(commit.folder / m.router["text_file"], **router_text_table(model))
+        points = V.points_from_manifest(m.validation.get(S.ROUTER, {}))
+        if points and (commit.folder / C.REFERENCE_FILE).is_file():
+            refs = V.load_references(commit.folder / C.REFERENCE_FILE)
+            with torch.no_grad():
+                refs.update(reference_outputs(RouterGraph(model), spec, points))
+            (commit.folder / C.REFERENCE_FILE).unlink()
+            V.save_references(commit.folder / C.REFERENCE_FILE, refs)
+        export_graph(RouterGraph(model), spec, commit.folder, m.opset)
         engine = m.engines.get(S.ROUTER)
         if engine:
             (commit.folder / engine).unlink()

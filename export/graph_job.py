@@ -25,7 +25,7 @@ from avg_edge.errors import AvgEdgeError, CATEGORIES, category_of, one_line
 # Module-name prefixes of the weights each graph reads.
 GRAPH_WEIGHTS = {
     S.VISION: ("vision_tower.", "mm_projector."),
-    S.ROUTER: ("router.",),
+    S.ROUTER: ("router.", "language_model.model.embed_tokens."),       # the embeddings: router_text_table
     S.DECODER: ("language_model.model.layers.", "language_model.model.norm.", "language_model.lm_head."),
 }
 TABLE_WEIGHTS = ("language_model.model.embed_tokens.", "image_newline")
@@ -75,7 +75,8 @@ def _run(job: GraphJob, conn) -> None:
         import torch
 
         from avg_edge.export.exporter import graph_bytes
-        from avg_edge.export.graphs import graph_module
+        from avg_edge import constants as C
+        from avg_edge.export.graphs import graph_module, router_text_table
         from avg_edge.export.onnx_export import export_graph
         from avg_edge.export.validate import reference_outputs, validate_wrapper
         from avg_edge.model import load_model
@@ -91,6 +92,8 @@ def _run(job: GraphJob, conn) -> None:
             np.savez(job.references_file, **refs)
             if job.graph == S.DECODER:
                 wrapper = validate_wrapper(model, spec)
+        if job.graph == S.ROUTER:
+            np.savez(folder / C.ROUTER_TEXT_FILE, **router_text_table(model))
         export_graph(graph_module(job.graph, model, spec), spec, folder, job.opset)
         conn.send(("ok", JobResult(peak_rss(), graph_bytes(folder, spec.file), wrapper)))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -103,7 +104,9 @@ class VisionGraph(nn.Module):
 
 
 class RouterGraph(nn.Module):
-    """features_36..features_576, text_embeds [T, D] -> logits [5] (float32)."""
+    """features_576 -> image_votes [5], text_direction [D] (float32): the router's image
+    part (the coarser granularities are pools of the 576 tokens, made inside); its text
+    part is router_text_table()."""
 
     def __init__(self, model: AvgLlavaModel) -> None:
         super().__init__()
@@ -112,10 +115,26 @@ class RouterGraph(nn.Module):
         self.router = model.router
         self.granularities = model.config.granularities
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        *feats, text = inputs
-        scaled = dict(zip(self.granularities, feats))
-        return self.router(scaled, text).float()                  # [5]
+    def forward(self, finest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.router.image_votes(finest).float(), self.router.text_direction(finest).float()
+
+
+def router_text_table(model: AvgLlavaModel, chunk: int = 4096) -> dict[str, np.ndarray]:
+    """The router's text part for runtime/router.py, computed in fp32 whatever the
+    weights' dtype: token_votes [vocab, 5] (every token's votes before its position's
+    weight), pad_votes [5] (a zero row's), text_weight [k] (the voter's text rows),
+    norm_weight, norm_bias [5] and norm_eps of the final LayerNorm."""
+    from avg_edge.export.validate import fp32_compute
+
+    router = model.router
+    table = model.language_model.get_input_embeddings().weight              # [vocab, D]
+    with torch.no_grad(), fp32_compute(router):
+        votes = [router.token_votes(table[i:i + chunk].float()) for i in range(0, table.shape[0], chunk)]
+        pad = router.token_votes(table.new_zeros(1, table.shape[1], dtype=torch.float32))[0]
+    f32 = lambda t: t.detach().float().numpy()                              # noqa: E731
+    return {"token_votes": np.concatenate([f32(v) for v in votes]), "pad_votes": f32(pad),
+            "text_weight": f32(router.voter[-router.k:, 0]), "norm_weight": f32(router.norm.weight),
+            "norm_bias": f32(router.norm.bias), "norm_eps": np.asarray(router.norm.eps, np.float32)}
 
 
 class DecoderGraph(nn.Module):
@@ -237,4 +256,4 @@ def reference_logits(model: AvgLlavaModel, inputs_embeds: torch.Tensor) -> torch
         return model.language_model(inputs_embeds=inputs_embeds).logits.float()
 
 
-__all__ = ["VisionGraph", "RouterGraph", "DecoderGraph", "graph_module", "reference_logits", "to_precision"]
+__all__ = ["VisionGraph", "RouterGraph", "router_text_table", "DecoderGraph", "graph_module", "reference_logits", "to_precision"]

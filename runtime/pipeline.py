@@ -28,6 +28,8 @@ from avg_edge.runtime.backends import Backend, open_backends
 from avg_edge.runtime.chat import ChatTemplate, prompt_ids
 from avg_edge.runtime.image import load_image
 from avg_edge.runtime.packing import gather_indices, visual_token_count
+from avg_edge.runtime.image import warm_up_image_decoders
+from avg_edge.runtime.router import RouterText
 from avg_edge.runtime.preprocess import PreprocessConfig, PreprocessedImage, preprocess_image
 from avg_edge.runtime.sampling import SamplingParams, next_token
 from avg_edge.runtime.text import TextStream
@@ -99,6 +101,9 @@ class EncodedImage:
     features: dict[str, np.ndarray]        # feature_name(g) -> [crops, g, D]
     preprocess_seconds: float = 0.0
     vision_seconds: float = 0.0
+    # The router graph's outputs for this image (image votes, text direction), kept by the
+    # first question the router answers so that follow-up questions skip the graph.
+    router_image: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -126,8 +131,12 @@ class Pipeline:
     """The core pipeline over one build's backends, tokenizer and tables."""
 
     def __init__(self, manifest: Manifest, backends: dict[str, Backend], tokenizer: Tokenizer,
-                 embed_table: np.ndarray, image_newline: np.ndarray, load_seconds: float = 0.0) -> None:
+                 embed_table: np.ndarray, image_newline: np.ndarray, load_seconds: float = 0.0,
+                 router_text: RouterText | None = None) -> None:
+        if manifest.has_router and router_text is None:
+            raise InputError("this build has a router: Pipeline needs its RouterText (Pipeline.load reads it)")
         self.manifest = manifest
+        self.router_text = router_text
         self.backends = dict(backends)
         self.tokenizer = tokenizer
         self.embed_table = embed_table                    # [vocab, D]
@@ -157,15 +166,22 @@ class Pipeline:
             tok = JsonTokenizer(inside(folder, C.TOKENIZER_JSON_FILE, "tokenizer"))
             table = _load_table(inside(folder, C.EMBED_TABLE_FILE, "table"), mmap=True)
             newline = _load_table(inside(folder, C.IMAGE_NEWLINE_FILE, "table"), mmap=False)
+            router_text = None
+            if m.has_router:
+                router_text = RouterText.load(inside(folder, m.router["text_file"], "router table"),
+                                              granularities=len(m.granularities), vocab=table.shape[0],
+                                              k=m.router["text_candidates"])
         except BaseException:
             for b in backends.values():
                 b.close()
             raise
-        return cls(m, backends, tok, table, newline, time.perf_counter() - t0)
+        warm_up_image_decoders()
+        return cls(m, backends, tok, table, newline, time.perf_counter() - t0, router_text)
 
     def with_backends(self, backends: dict[str, Backend]) -> "Pipeline":
         """The same build with other backends (e.g. wrappers that record what each graph sees)."""
-        return Pipeline(self.manifest, backends, self.tokenizer, self.embed_table, self.image_newline, self.load_seconds)
+        return Pipeline(self.manifest, backends, self.tokenizer, self.embed_table, self.image_newline, self.load_seconds,
+                        self.router_text)
 
     @property
     def granularities(self) -> list[int]:
@@ -215,8 +231,9 @@ class Pipeline:
         enc = image if isinstance(image, EncodedImage) else self.encode_image(image)
         before, after = prompt_ids(self.tokenizer.encode, self.manifest.bos_token_id, *self.template.render([question]))
         tm = Timings(preprocess=enc.preprocess_seconds, vision=enc.vision_seconds)
-        text = np.asarray(self.embed_table[np.asarray(before + after)], dtype=self.dtype)        # [T, D]
-        chosen, logits = self._choose(enc.features, text, gran, tm)
+        ids = np.asarray(before + after)
+        text = np.asarray(self.embed_table[ids], dtype=self.dtype)                               # [T, D]
+        chosen, logits = self._choose(enc, ids, text, gran, tm)
         d = self.manifest.hidden_size
         source = np.concatenate([enc.features[S.feature_name(chosen)].reshape(-1, d), self._newline_row])
         pre = enc.image
@@ -229,7 +246,7 @@ class Pipeline:
         full = visual_token_count(self.granularities[-1], pre.grid, pre.image_size)
         return Prepared(embeds, chosen, logits, int(visual.shape[0]), int(full), before, after, tm)
 
-    def _choose(self, features: dict[str, np.ndarray], text: np.ndarray, gran: int | None,
+    def _choose(self, enc: EncodedImage, ids: np.ndarray, text: np.ndarray, gran: int | None,
                 tm: Timings) -> tuple[int, np.ndarray | None]:
         if gran is not None:
             return gran, None
@@ -238,9 +255,14 @@ class Pipeline:
                 log.warning("this build has no router: using the finest granularity %d", self.granularities[-1])
                 self._said_no_router = True
             return self.granularities[-1], None
-        router = self.backends[S.ROUTER]
-        logits = router.infer({**features, "text_embeds": text})["logits"].astype(np.float64)
-        tm.router = router.last_inference_time
+        t0 = time.perf_counter()
+        if enc.router_image is None:
+            router = self.backends[S.ROUTER]
+            out = router.infer({name: enc.features[name] for name in router.spec.input_names})
+            enc.router_image = (out[router.spec.name_of(S.ROUTER_IMAGE_VOTES)],
+                                out[router.spec.name_of(S.ROUTER_TEXT_DIRECTION)])
+        logits = self.router_text.logits(*enc.router_image, ids, text)
+        tm.router = time.perf_counter() - t0
         return self.granularities[int(np.argmax(logits))], logits
 
     def score(self, prepared: Prepared, answer_ids: list[int]) -> float:

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from typer.testing import CliRunner
 
+from avg_edge import constants as C
 from avg_edge.calibration.quantized_build import DRIFT_FILE, QuantOptions, build_quantized
 from avg_edge.cli import export_app
 from avg_edge.export.exporter import BuildOptions
@@ -199,9 +200,19 @@ def test_realign_changes_only_the_router(int8_build, data, tmp_path):
                                             epochs=3, lr=1e-3), progress=lambda s: None)
     after = {p.name: sha256_file(p) for p in target.iterdir()}
     changed = {n for n in after if before.get(n) != after[n]}
-    assert changed == {"router.onnx", "manifest.json", REPORT_FILE}
+    # the router's table and its stored references follow the new weights
+    assert changed == {"router.onnx", C.ROUTER_TEXT_FILE, C.REFERENCE_FILE, "manifest.json", REPORT_FILE}
     assert report["changed_tensors"] and all(k.startswith("router.") for k in report["changed_tensors"])
     for key in ("agreement", "accuracy", "mean_visual_tokens"):
         assert key in report["before"] and key in report["after"]
     m = load_manifest(target, verify=True)
     assert m.realign["epochs"] == 3 and m.quantization["graphs"]["router"]["method"] == "fp32 (realigned)"
+    import onnxruntime as ort
+
+    from avg_edge import validation as V
+
+    spec = m.spec("router")
+    sess = ort.InferenceSession(str(target / spec.file), providers=["CPUExecutionProvider"])
+    check = V.check(spec, V.points_from_manifest(m.validation["router"]), V.load_references(target / C.REFERENCE_FILE),
+                    lambda feeds: dict(zip(spec.output_names, sess.run(None, feeds))), (1e-4, 1e-4), "onnxruntime")
+    assert check.status == "passed", check.to_dict()

@@ -115,6 +115,8 @@ def test_prompt_longer_than_context(small_context_build, images):
     ("missing", "missing file(s) ['router.onnx']"),
     ("checksum", "checksum mismatch for ['tokenizer.json']"),
     ("version", f"build format version 0, this avg-edge reads version {C.MANIFEST_FORMAT}"),
+    ("no-router-entry", "'router' should be an object with 'text_file' and 'text_candidates'"),
+    ("router-table", "'token_votes' should be float32 [400, 5], got float64 [400, 5]"),
 ])
 def test_broken_build_folders(tiny_build, images, tmp_path, damage, match):
     folder = tmp_path / "b"
@@ -124,6 +126,17 @@ def test_broken_build_folders(tiny_build, images, tmp_path, damage, match):
     elif damage == "checksum":
         with open(folder / C.TOKENIZER_JSON_FILE, "a") as f:
             f.write(" ")
+    elif damage == "no-router-entry":
+        m = json.loads((folder / C.MANIFEST_FILE).read_text())
+        del m["router"]
+        (folder / C.MANIFEST_FILE).write_text(json.dumps(m))
+    elif damage == "router-table":           # a well-formed file of the wrong dtype (and no --verify checksum)
+        with np.load(folder / C.ROUTER_TEXT_FILE) as z:
+            arrays = {k: z[k] for k in z.files}
+        np.savez(folder / C.ROUTER_TEXT_FILE, **{**arrays, "token_votes": arrays["token_votes"].astype(np.float64)})
+        m = json.loads((folder / C.MANIFEST_FILE).read_text())
+        m["files"].pop(C.ROUTER_TEXT_FILE)
+        (folder / C.MANIFEST_FILE).write_text(json.dumps(m))
     else:
         m = json.loads((folder / C.MANIFEST_FILE).read_text())
         m["format_version"] = 0

@@ -21,6 +21,7 @@ from avg_edge.export.exporter import BuildOptions, bounds_for, build, graph_spec
 from avg_edge.errors import BuildFolderError
 from avg_edge.manifest import load_manifest, sha256_file
 from avg_edge.model.tiny import textured_image
+from avg_edge.runtime.router import RouterText
 
 runner = CliRunner()
 
@@ -84,8 +85,11 @@ def test_onnx_graphs_reproduce_the_reference_greedy_answer(tiny_concat_build, ti
     for g, f in zip(tiny_model.config.granularities, feats):
         np.testing.assert_allclose(f, prep.scaled[g].numpy(), atol=1e-4)
     table = np.load(out / C.EMBED_TABLE_FILE)
-    text = table[prep.ids_before + prep.ids_after]
-    logits = sess["router"].run(None, {**{f"features_{g}": f for g, f in zip(tiny_model.config.granularities, feats)}, "text_embeds": text})[0]
+    ids = np.asarray(prep.ids_before + prep.ids_after)
+    votes, direction = sess["router"].run(None, {"features_576": feats[-1]})
+    rt = RouterText.load(out / C.ROUTER_TEXT_FILE, granularities=5, vocab=table.shape[0],
+                         k=tiny_model.config.filtered_text_num)
+    logits = rt.logits(votes, direction, ids, table[ids])
     assert tiny_model.config.granularities[int(np.argmax(logits))] == ref.granularity
     np.testing.assert_allclose(logits, np.array(ref.router_logits), atol=1e-4)
 
@@ -142,7 +146,10 @@ def test_tensorrt_profiles_come_from_the_specs(tiny_model):
     assert shapes["attention_mask"] == ((1, 37), (1, 2977), (1, 4096))
     assert specs["vision"].profile_shapes(specs["vision"].profiles[0])["pixel_values"] == (
         (1, 3, 336, 336), (3, 3, 336, 336), (5, 3, 336, 336))
-    assert specs["router"].profile_shapes(specs["router"].profiles[0])["text_embeds"] == ((1, 64), (48, 64), (4096, 64))
+    assert specs["router"].profile_shapes(specs["router"].profiles[0])["features_576"] == (
+        (1, 576, 64), (3, 576, 64), (5, 576, 64))
+    assert specs["router"].input_names == ["features_576"]                          # the others are its pools
+    assert specs["router"].output_names == ["image_votes", "text_direction"]       # the question's part is a table
 
 
 @pytest.mark.gpu

@@ -63,6 +63,25 @@ def test_only_the_chosen_granularity_reaches_the_decoder(pipe):
     assert recorders["router"].feeds == []                                          # fixed granularity: no router
 
 
+def test_follow_up_questions_reuse_the_routers_image_part(pipe):
+    """The router graph runs once per encoded image; each question after that costs only
+    the table part, with the same logits as a fresh run."""
+    from avg_edge.calibration.collect import RecordingBackend
+
+    recorders = {name: RecordingBackend(b, 100) for name, b in pipe.backends.items()}
+    p = pipe.with_backends(recorders)
+    img = textured_image(500, 380, seed=4)
+    enc = p.encode_image(img)
+    first = [p.prepare(enc, q) for q in QUESTIONS]
+    assert len(recorders["router"].feeds) == 1
+    assert list(recorders["router"].feeds[0]) == ["features_576"]
+    for q, got in zip(QUESTIONS, first):
+        fresh = pipe.prepare(img, q)
+        np.testing.assert_allclose(got.router_logits, fresh.router_logits, rtol=0, atol=1e-6)
+        assert got.timings.router > 0
+    assert not np.allclose(first[0].router_logits, first[1].router_logits)      # the question matters
+
+
 def test_inplace_cache_is_written_into_its_own_buffer(pipe):
     """No copy of the cache: each present comes back as the very buffer bound as its past,
     holding the new rows; the concat graph would return fresh, longer arrays."""
