@@ -400,14 +400,27 @@ def with_derived(sizes: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def make_feeds(spec: GraphSpec, sizes: dict[str, int], rng: np.random.Generator, dtype: str | None = None) -> dict[str, np.ndarray]:
+def make_feeds(spec: GraphSpec, sizes: dict[str, int], rng: np.random.Generator, dtype: str | None = None,
+               zeros: bool = False) -> dict[str, np.ndarray]:
     """Inputs that make sense for each tensor's role: normal floats, a full attention mask,
-    positions that continue the past, logits for the last K positions."""
+    positions that continue the past, logits for the last K positions.  A KV cache holds
+    normal values in its valid rows (the past) and zeros after them: an in-place cache of
+    the whole context then costs memory only for its past (untouched zero pages are not
+    resident; 2 GiB for 7B's empty cache).  zeros: every float input is zeros (for tracing,
+    where values are never read)."""
     sizes = with_derived(sizes)
     feeds: dict[str, np.ndarray] = {}
     for t in spec.inputs:
         shape = spec.shape_of(t, sizes)
-        if t.role == ATTENTION_MASK:
+        floats = t.role not in (ATTENTION_MASK, POSITION_IDS, LOGIT_POSITIONS, PAST_LENGTH)
+        if floats and zeros:
+            feeds[t.name] = np.zeros(shape, dtype or t.dtype)
+        elif t.role in (PAST_KEY, PAST_VALUE):
+            past = sizes.get(C.AXIS_PAST, 0)
+            cache = np.zeros(shape, dtype or t.dtype)
+            cache[:, :, :past] = rng.standard_normal((*shape[:2], past, *shape[3:])).astype(cache.dtype)
+            feeds[t.name] = cache
+        elif t.role == ATTENTION_MASK:
             feeds[t.name] = np.ones(shape, np.int64)
         elif t.role == POSITION_IDS:
             past = sizes.get(C.AXIS_PAST, 0)

@@ -104,13 +104,12 @@ def transpose_linear_weights(module: nn.Module) -> None:
     7B's fp16 decoder).  Transposed here one matrix at a time, the export holds them once.
     The maths is unchanged.  Linears inside nn.MultiheadAttention stay (its forward reads
     out_proj.weight itself)."""
-    for parent in list(module.modules()):
-        if isinstance(parent, nn.MultiheadAttention):
-            continue
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, _MatMulLinear(child))
-                del child
+    # (parent, name) pairs only: a list holding the Linear modules themselves would keep
+    # every original weight alive until the end.
+    slots = [(parent, name) for parent in module.modules() if not isinstance(parent, nn.MultiheadAttention)
+             for name, child in parent.named_children() if type(child) is nn.Linear]
+    for parent, name in slots:
+        setattr(parent, name, _MatMulLinear(getattr(parent, name)))
 
 
 def export_graph(module: nn.Module, spec: GraphSpec, out_dir: Path, opset: int) -> Path:
@@ -119,7 +118,7 @@ def export_graph(module: nn.Module, spec: GraphSpec, out_dir: Path, opset: int) 
     see transpose_linear_weights)."""
     module.eval()
     transpose_linear_weights(module)
-    feeds = make_feeds(spec, example_sizes(spec), np.random.default_rng(0))
+    feeds = make_feeds(spec, example_sizes(spec), np.random.default_rng(0), zeros=True)
     args = torch_inputs(feeds, spec)
     path = out_dir / spec.file
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
