@@ -68,8 +68,21 @@ def _die_with_parent() -> None:
         pass
 
 
+def _large_allocations_from_the_os() -> None:
+    """glibc serves allocations under its mmap threshold from heaps it keeps when they are
+    freed, and raises that threshold (up to 32 MiB) as large blocks come and go; a 7B
+    graph's activations and per-module fp32 casts then leave gigabytes of freed heap
+    resident between the references, the wrapper check and the export.  A fixed 1 MiB
+    threshold maps each larger block on its own and returns it when freed."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)            # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):                            # not glibc
+        pass
+
+
 def _run(job: GraphJob, conn) -> None:
     _die_with_parent()
+    _large_allocations_from_the_os()
     try:
         import numpy as np
         import torch
@@ -80,7 +93,7 @@ def _run(job: GraphJob, conn) -> None:
         from avg_edge.export.onnx_export import export_graph
         from avg_edge.export.validate import reference_outputs, validate_wrapper
         from avg_edge.model import load_model
-        from avg_edge.runtime.phases import peak_rss
+        from avg_edge.runtime.phases import peak_rss, release_memory
 
         spec = S.GraphSpec.from_dict(job.spec)
         model = load_model(job.model, dtype=getattr(torch, job.dtype), only=GRAPH_WEIGHTS[job.graph])
@@ -90,8 +103,11 @@ def _run(job: GraphJob, conn) -> None:
             points = [V.Point(p["name"], p["sizes"], p["seed"], p.get("note", "")) for p in job.points]
             refs = reference_outputs(graph_module(job.graph, model, spec), spec, points)
             np.savez(job.references_file, **refs)
+            del refs
+            release_memory()
             if job.graph == S.DECODER:
                 wrapper = validate_wrapper(model, spec)
+                release_memory()
         if job.graph == S.ROUTER:
             np.savez(folder / C.ROUTER_TEXT_FILE, **router_text_table(model))
         export_graph(graph_module(job.graph, model, spec), spec, folder, job.opset)
