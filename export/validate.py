@@ -92,7 +92,11 @@ def validate_wrapper(model, spec: GraphSpec, seq: int = 37, seed: int = 1) -> fl
     roles = DecoderRoles(spec)
     g = torch.Generator().manual_seed(seed)
     emb = torch.randn(1, seq, model.config.hidden_size, generator=g)
-    feeds = _fp32_feeds(roles.prefill_feeds(emb.numpy(), np.arange(seq)))
+
+    def cache(shape, dtype):        # in place: a cache as long as this check, not the whole context
+        return np.zeros((*shape[:2], seq, *shape[3:]) if roles.kind == "inplace" else shape, dtype)
+
+    feeds = _fp32_feeds(roles.prefill_feeds(emb.numpy(), np.arange(seq), cache=roles.new_cache(cache)))
     with torch.no_grad(), fp32_compute(model):
         ours = DecoderGraph(model, spec)(*torch_inputs(feeds, spec))[spec.output_names.index(roles.name("logits"))]
         theirs = reference_logits(model, emb)
