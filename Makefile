@@ -58,7 +58,7 @@ bench: $(VENV)/.linked
 	$(PY) benchmarks/bench_runtime.py --tiny
 	$(PY) benchmarks/bench_export.py
 	$(PY) benchmarks/bench_kv_routes.py
-	$(PY) benchmarks/bench_roofline.py
+	$(PY) benchmarks/bench_routing.py
 
 capi: $(VENV)/.linked
 	$(PY) -m avg_edge.runtime.capi.compile --out build/capi
