@@ -134,6 +134,10 @@ def realign_cmd(
     eval_samples: int = typer.Option(120, "--eval-samples"),
     epochs: int = typer.Option(4, "--epochs"),
     lr: float = typer.Option(3e-4, "--lr"),
+    token_cost: float = typer.Option(0.0, "--token-cost", min=0.0,
+                                     help="Cost-aware RGLF: rank granularities by answer NLL + COST x g / 576 "
+                                          "(nats per answer token for the finest granularity's visual tokens); "
+                                          "0 is the paper's RGLF. Recorded in the manifest."),
 ) -> None:
     """Retrain only the router against the build's own decoder (RGLF) and re-export router.onnx."""
     require("torch", "export", "avg-export realign")
@@ -141,7 +145,8 @@ def realign_cmd(
 
     if not build_dir.is_dir():
         raise UsageError(f"build folder not found: {build_dir}")
-    realign(build_dir, RealignOptions(calib_data, calib_samples, eval_data, eval_samples, epochs, lr),
+    realign(build_dir, RealignOptions(calib_data, calib_samples, eval_data, eval_samples, epochs, lr,
+                                      token_cost=token_cost),
             progress=lambda line: err.print(line, markup=False))
 
 
@@ -221,6 +226,9 @@ def run_cmd(
     granularity: str = typer.Option("auto", "--granularity", "-g",
                                     help="auto (the router chooses) or one of the build's granularities, in visual "
                                          "tokens per crop (avg-export inspect lists them; AVG-LLaVA: 36 72 144 288 576)."),
+    max_visual_tokens: Optional[int] = typer.Option(
+        None, "--max-visual-tokens", help="A budget of visual tokens for the image: the router's best granularity "
+                                          "among those that fit (exit 1 when none fits)."),
     backend: str = typer.Option("auto", "--backend", help="auto (TensorRT engines if usable, else ONNX Runtime), ort or trt."),
     max_tokens: int = typer.Option(256, "-n", "--max-tokens", help="Most tokens to generate."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 = greedy."),
@@ -246,6 +254,8 @@ def run_cmd(
     SamplingParams(temp, top_k, top_p, seed)
     if max_tokens < 1:
         raise UsageError(f"--max-tokens: expected a positive integer, got {max_tokens}")
+    if max_visual_tokens is not None and max_visual_tokens < 1:
+        raise UsageError(f"--max-visual-tokens: expected a positive integer, got {max_visual_tokens}")
     if not model.is_dir():
         hint = "make it with: make demo (or avg-export build)" if model == DEFAULT_BUILD_DIR else "pass -m BUILD_DIR"
         raise UsageError(f"build folder not found: {model} ({hint})")
@@ -254,7 +264,8 @@ def run_cmd(
         gran = _granularity_option(granularity, pipe.granularities)
         on_text = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
         result = pipe.generate(source, question, granularity=gran, max_new_tokens=max_tokens, temperature=temp,
-                               top_k=top_k, top_p=top_p, seed=seed, on_text=on_text)
+                               top_k=top_k, top_p=top_p, seed=seed, on_text=on_text,
+                               max_visual_tokens=max_visual_tokens)
         if as_json:
             d = {"answer": result.text, **result.to_dict(), "backend": pipe.describe_backend()}
             del d["text"]

@@ -18,6 +18,10 @@ DEFAULT_GRANULARITIES = (36, 72, 144, 288, 576)
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # (width, height)
 DEFAULT_FILTERED_TEXT_NUM = 32
 DEFAULT_ROUTER_HEADS = 8
+# Where the router's text filter takes its candidates from (config.json
+# "router_text_candidates", manifest router.text_from): runtime/chat.py router_text_ids.
+ROUTER_TEXT_FROM_PROMPT, ROUTER_TEXT_FROM_QUESTION = "prompt", "question"
+ROUTER_TEXT_FROM = (ROUTER_TEXT_FROM_PROMPT, ROUTER_TEXT_FROM_QUESTION)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_PLACEHOLDER = "<image>"
@@ -38,7 +42,8 @@ AXIS_LOGITS = "n_logits"
 
 # --- build folder ----------------------------------------------------------------
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = 4          # 2: tensor roles, a structured chat template; 3: kv_cache; 4: the router split
+MANIFEST_FORMAT = 5          # 2: tensor roles, a structured chat template; 3: kv_cache; 4: the router split;
+                             # 5: router.text_from, router.alignment
 ROUTER_TEXT_FILE = "router_text.npz"   # the router's per-token table (runtime/router.py)
 EMBED_TABLE_FILE = "embed_tokens.npy"
 IMAGE_NEWLINE_FILE = "image_newline.npy"

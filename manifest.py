@@ -65,7 +65,9 @@ class Manifest:
     drift: dict[str, Any] | None = None                               # int8/int4: the drift report against fp32
     realign: dict[str, Any] | None = None                             # after avg-export realign: its report
     phases: list[dict[str, Any]] = field(default_factory=list)        # the build's phases: seconds, peak RSS
-    router: dict[str, Any] | None = None     # has_router: {"text_file": the per-token table, "text_candidates": k}
+    # has_router: {"text_file": the per-token table, "text_candidates": k, "text_from": "prompt" | "question",
+    #              "alignment": {"loss": "rglf", "token_cost": lambda, "by": "training" | "avg-export realign"}}
+    router: dict[str, Any] | None = None
 
     def spec(self, graph: str) -> GraphSpec:
         if graph not in self.graphs:
@@ -94,9 +96,11 @@ class Manifest:
             except (KeyError, TypeError, ValueError) as e:
                 raise BuildFolderError(f"{where}: graph '{name}' is malformed ({type(e).__name__}: {e}); {REBUILD}") from e
         if m.has_router and not (isinstance(m.router, dict) and isinstance(m.router.get("text_file"), str)
-                                 and isinstance(m.router.get("text_candidates"), int)):
-            raise BuildFolderError(f"{where}: 'router' should be an object with 'text_file' and 'text_candidates' "
-                                   f"when has_router is true, got {m.router!r:.60}; {REBUILD}")
+                                 and isinstance(m.router.get("text_candidates"), int)
+                                 and m.router.get("text_from") in C.ROUTER_TEXT_FROM):
+            raise BuildFolderError(f"{where}: 'router' should be an object with 'text_file', 'text_candidates' and "
+                                   f"'text_from' (one of {list(C.ROUTER_TEXT_FROM)}) when has_router is true, "
+                                   f"got {m.router!r:.80}; {REBUILD}")
         if "decoder" in m.graphs and DecoderRoles(m.spec("decoder")).kind != m.kv_cache:
             raise BuildFolderError(f"{where}: 'kv_cache' is {m.kv_cache!r} but the decoder's inputs are of the other kind; "
                                    f"{REBUILD}")

@@ -40,6 +40,7 @@ class RealignOptions:
     epochs: int = 4
     lr: float = 3e-4
     seed: int = 0
+    token_cost: float = 0.0    # cost-aware RGLF (model/rglf.py preference); 0 = the paper's
 
 
 @dataclass
@@ -59,13 +60,14 @@ def answer_nll(pipe: Pipeline, sample: CalibSample) -> tuple[EncodedImage, np.nd
         prepared = pipe.prepare(enc, sample.question, g)
         nll.append(pipe.score(prepared, answer))
         if text is None:
-            text = pipe.embed_table[prepared.ids_before + prepared.ids_after]
+            text = pipe.embed_table[pipe.router_ids(sample.question, prepared.ids_before, prepared.ids_after)]
     return enc, np.asarray(text), np.array(nll)
 
 
-def router_stats(pipe: Pipeline, samples: list[CalibSample], nlls: list[np.ndarray]) -> RouterStats:
+def router_stats(pipe: Pipeline, samples: list[CalibSample], prefs: list[np.ndarray]) -> RouterStats:
+    """prefs: per sample, the values RGLF ranks (NLL, plus the token cost if any)."""
     agree, acc, tokens = 0, Accuracy(), []
-    for s, nll in zip(samples, nlls):
+    for s, nll in zip(samples, prefs):
         r = pipe.generate(s.image, s.question, max_new_tokens=8)
         agree += r.granularity == pipe.granularities[int(np.argmin(nll))]
         tokens.append(r.visual_tokens)
@@ -81,7 +83,7 @@ def realign(build_dir: Path, o: RealignOptions, progress: Callable[[str], None] 
     from avg_edge.export.validate import reference_outputs
     from avg_edge.export.onnx_export import export_graph
     from avg_edge.model import load_model
-    from avg_edge.model.rglf import rglf_loss
+    from avg_edge.model.rglf import preference, rglf_loss
 
     build_dir = Path(build_dir)
     m = load_manifest(build_dir, verify=True)
@@ -96,9 +98,14 @@ def realign(build_dir: Path, o: RealignOptions, progress: Callable[[str], None] 
         raise UsageError("realign needs answers in the calibration data ({\"image\", \"question\", \"answer\"} per line)")
     evals = load_samples(o.eval_data, o.eval_samples) if o.eval_data else demo_samples(o.eval_samples, split="test")
     evals = [s for s in evals if s.answer is not None]
+    if not (np.isfinite(o.token_cost) and o.token_cost >= 0):
+        raise UsageError(f"--token-cost: expected a number >= 0 (nats per answer token, per the finest granularity's "
+                         f"visual tokens), got {o.token_cost}")
+    pref = lambda nll: preference(torch.from_numpy(np.asarray(nll, np.float64))[None], m.granularities,  # noqa: E731
+                                  o.token_cost)[0].numpy()
     with Pipeline.load(build_dir, backend="ort") as pipe:
         train = [answer_nll(pipe, s) for s in calib]
-        eval_nll = [answer_nll(pipe, s)[2] for s in evals]
+        eval_nll = [pref(answer_nll(pipe, s)[2]) for s in evals]
         progress(f"[1/4] answer NLL at every granularity from the build's own decoder: {len(calib)} calibration, "
                  f"{len(eval_nll)} evaluation samples ({time.perf_counter() - t0:.1f} s)")
         t0 = time.perf_counter()
@@ -119,7 +126,7 @@ def realign(build_dir: Path, o: RealignOptions, progress: Callable[[str], None] 
             enc, text, nll = train[i]
             scaled = {g: torch.from_numpy(np.asarray(enc.features[S.feature_name(g)], np.float32)) for g in m.granularities}
             logits = router(scaled, torch.from_numpy(np.asarray(text, np.float32)))[None]
-            loss = rglf_loss(logits, torch.from_numpy(nll)[None].float())
+            loss = rglf_loss(logits, torch.from_numpy(pref(nll))[None].float())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -159,6 +166,7 @@ def realign(build_dir: Path, o: RealignOptions, progress: Callable[[str], None] 
         progress(f"[3/4] re-exported {spec.file} ({time.perf_counter() - t0:.1f} s)")
         report = {"before": dataclasses.asdict(before), "after": dataclasses.asdict(after),
                   "calibration_samples": len(calib), "evaluation_samples": len(eval_nll), "epochs": o.epochs,
+                  "token_cost": o.token_cost,
                   "changed_tensors": changed,
                   "note": f"router engine removed; rebuild engines with avg-export engines {build_dir}" if engine else ""}
         (commit.folder / REPORT_FILE).unlink(missing_ok=True)     # a hard link to the old build's file
@@ -166,6 +174,7 @@ def realign(build_dir: Path, o: RealignOptions, progress: Callable[[str], None] 
         if m.quantization is not None:
             m.quantization["graphs"][S.ROUTER] = {"method": f"{'fp16' if dtype == torch.float16 else 'fp32'} (realigned)"}
         m.realign = report
+        m.router = {**m.router, "alignment": {"loss": "rglf", "token_cost": o.token_cost, "by": "avg-export realign"}}
         commit.finish(m)
     progress(f"[4/4] router agreement {100 * before.agreement:.1f}% -> {100 * after.agreement:.1f}%, "
              + (f"accuracy {before.accuracy:.1f}% -> {after.accuracy:.1f}%, " if before.accuracy is not None else "")

@@ -260,7 +260,10 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print, phases: Phas
                 {"decoder_code_vs_transformers": wrapper_diff} if wrapper_diff is not None else {}),
             tools=tool_versions(), source={"model": str(Path(o.model).resolve()), "layout": config.source_layout},
             tensorrt=trt_info, engines=engines,
-            router={"text_file": C.ROUTER_TEXT_FILE, "text_candidates": config.filtered_text_num} if config.has_router else None,
+            router={"text_file": C.ROUTER_TEXT_FILE, "text_candidates": config.filtered_text_num,
+                    "text_from": config.router_text_candidates,
+                    "alignment": {"loss": "rglf", "token_cost": config.router_token_cost, "by": "training"}}
+            if config.has_router else None,
         )
         rows = [GraphRow(n, o.precision, graph_bytes(tmp, s.file), validation[n].max_abs_diff if n in validation else None,
                          validation[n].status if n in validation else "not run", n in engines) for n, s in specs.items()]

@@ -61,7 +61,9 @@ int avg_edge_open(const char *build_dir, const char *options_json, avg_edge_ctx 
 
 /* Answer `question` about the image in (image, image_len) (PNG, JPEG, ... bytes).
  * params_json may be NULL or {"granularity": "auto"|36|72|144|288|576, "max_new_tokens": 256,
- * "temperature": 0.0, "top_k": null, "top_p": null, "seed": null}.  on_token may be NULL.
+ * "max_visual_tokens": null, "temperature": 0.0, "top_k": null, "top_p": null, "seed": null}.
+ * max_visual_tokens: a budget for the image; the router's best granularity among those that fit
+ * (AVG_EDGE_ERR_LIMIT when none fits).  on_token may be NULL.
  * On success *result_json (if result_json is not NULL) receives
  * {"answer", "token_ids", "granularity", "router_logits", "router_probs", "visual_tokens",
  *  "visual_tokens_full", "finish_reason", "timings"}. */

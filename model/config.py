@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -207,6 +208,13 @@ class AvgLlavaConfig:
     has_router: bool = True
     filtered_text_num: int = C.DEFAULT_FILTERED_TEXT_NUM
     router_num_heads: int = C.DEFAULT_ROUTER_HEADS
+    # The prompt tokens the router's text filter chooses from: "prompt" (the spec: every
+    # token of the prompt, system prompt included) or "question" (the question's own
+    # tokens; the demo uses it, a 32-token system prompt otherwise crowds the question out).
+    router_text_candidates: str = C.ROUTER_TEXT_FROM_PROMPT
+    # The token cost the router was aligned with (model/rglf.py; 0 = the paper's RGLF).
+    # A record of training, read by the exporter into the manifest, not by the maths.
+    router_token_cost: float = 0.0
     image_mean: tuple[float, float, float] = C.CLIP_MEAN
     image_std: tuple[float, float, float] = C.CLIP_STD
     source_layout: str = "llava_llama"  # or "llava_next" (Hugging Face)
@@ -235,6 +243,11 @@ class AvgLlavaConfig:
         if self.has_router and self.text.hidden_size % self.router_num_heads:
             raise ConfigError(f"router heads {self.router_num_heads} do not divide hidden_size {self.text.hidden_size}")
         _positive(self, "filtered_text_num")
+        if not (math.isfinite(self.router_token_cost) and self.router_token_cost >= 0):
+            raise ConfigError(f"router_token_cost: expected a finite number >= 0, got {self.router_token_cost!r}")
+        if self.router_text_candidates not in C.ROUTER_TEXT_FROM:
+            raise ConfigError(f"router_text_candidates: expected one of {list(C.ROUTER_TEXT_FROM)}, "
+                              f"got {self.router_text_candidates!r}")
 
     # -- derived ---------------------------------------------------------------
     @property
@@ -285,6 +298,8 @@ class AvgLlavaConfig:
             has_router=bool(d.get("router_select", False)),
             filtered_text_num=int(d.get("filtered_text_num", C.DEFAULT_FILTERED_TEXT_NUM)),
             router_num_heads=int(d.get("router_num_heads", C.DEFAULT_ROUTER_HEADS)),
+            router_text_candidates=d.get("router_text_candidates", C.ROUTER_TEXT_FROM_PROMPT),
+            router_token_cost=float(d.get("router_token_cost", 0.0)),
         )
         if "mm_hidden_size" in d and int(d["mm_hidden_size"]) != vision.hidden_size:
             raise ConfigError(f"mm_hidden_size {d['mm_hidden_size']} does not match the vision tower's hidden_size {vision.hidden_size}")
@@ -351,6 +366,8 @@ class AvgLlavaConfig:
             router_select=self.has_router,
             filtered_text_num=self.filtered_text_num,
             router_num_heads=self.router_num_heads,
+            router_text_candidates=self.router_text_candidates,
+            router_token_cost=self.router_token_cost,
             image_mean=list(self.image_mean),
             image_std=list(self.image_std),
         )

@@ -16,7 +16,7 @@ from avg_edge.model.config import AvgLlavaConfig
 from avg_edge.model.router import GranularityRouter
 from avg_edge.model.scaler import pack_image, scale_all
 from avg_edge.model.vision import Projector, VisionTower
-from avg_edge.runtime.chat import DEFAULT_TEMPLATE, prompt_ids
+from avg_edge.runtime.chat import DEFAULT_TEMPLATE, prompt_ids, router_text_ids
 from avg_edge.runtime.image import load_image
 from avg_edge.runtime.packing import visual_token_count
 from avg_edge.runtime.pipeline import Result
@@ -82,6 +82,12 @@ class AvgLlavaModel(nn.Module):
         table = self.language_model.get_input_embeddings()
         return table(torch.tensor(ids, dtype=torch.long))         # [T, D]
 
+    def router_text(self, before: list[int], after: list[int], question_ids: list[int]) -> torch.Tensor:
+        """The embeddings the router's text filter chooses from [T, D] (all of the prompt,
+        or the question alone: config.router_text_candidates)."""
+        ids = router_text_ids(self.config.router_text_candidates, before, after, question_ids)
+        return self.embed_ids(ids) if ids else self.embed_ids([0])[:0]
+
     def cast_(self, dtype: torch.dtype) -> "AvgLlavaModel":
         """Convert weights to `dtype` in place, keeping RoPE's inverse frequencies in fp32
         (in fp16 they are rounded enough that position x frequency drifts by radians
@@ -141,7 +147,8 @@ class AvgLlavaModel(nn.Module):
         scaled = self.visual_features(torch.from_numpy(pre.pixel_values))  # {g: [crops, g, D]}
         emb_before = self.embed_ids(before)                                # [Tb, D]
         emb_after = self.embed_ids(after)                                  # [Ta, D]
-        chosen, logits = self.choose(scaled, torch.cat([emb_before, emb_after]), gran)
+        router_text = self.router_text(before, after, self.tokenizer.encode(question))
+        chosen, logits = self.choose(scaled, router_text, gran)
         embeds = self.assemble(scaled, chosen, pre, emb_before, emb_after)[None]  # [1, N, D]
         visual_tokens = embeds.shape[1] - len(before) - len(after)
         ctx = self.config.text.max_position_embeddings

@@ -9,6 +9,13 @@ that ranking:
     L      = L_rank + 0.1 * L_ce
 
 The mean over i runs over the pairs at offset j (i + j < G) and over the batch.
+
+Cost-aware RGLF (an option; token_cost = 0 is the paper's): the preference is
+l_g = NLL_g + token_cost * g / g_max, so a coarser granularity wins whenever its answer
+costs less than token_cost nats more per token of answer, in units of the finest
+granularity's visual tokens.  A deployer picks token_cost for their own accuracy/latency
+trade (`avg-export realign --token-cost`); the raw NLLs of an easy question are nearly
+equal at every granularity, and without a cost their ranking is noise.
 """
 
 from __future__ import annotations
@@ -17,8 +24,19 @@ import torch
 import torch.nn.functional as F
 
 
+def preference(nll: torch.Tensor, granularities: tuple[int, ...] | list[int], token_cost: float = 0.0) -> torch.Tensor:
+    """nll: [B, G] -> the values RGLF ranks, lowest best: NLL + token_cost * g / g_max."""
+    if not token_cost >= 0:
+        raise ValueError(f"token_cost: expected a number >= 0, got {token_cost!r}")
+    if nll.shape[-1] != len(granularities):
+        raise ValueError(f"nll has {nll.shape[-1]} granularities, expected {len(granularities)}")
+    rel = torch.tensor([g / max(granularities) for g in granularities], dtype=nll.dtype)
+    return nll + token_cost * rel
+
+
 def rglf_loss(logits: torch.Tensor, nll: torch.Tensor, margin: float = 1.0, ce_weight: float = 0.1) -> torch.Tensor:
-    """logits: [B, G] router outputs; nll: [B, G] answer NLL per granularity -> scalar loss."""
+    """logits: [B, G] router outputs; nll: [B, G] answer NLL per granularity (or the
+    cost-aware preference(...)) -> scalar loss."""
     if logits.shape != nll.shape or logits.dim() != 2:
         raise ValueError(f"logits and nll must both be [B, G], got {tuple(logits.shape)} and {tuple(nll.shape)}")
     nll = nll.detach().to(logits.dtype)
@@ -34,4 +52,4 @@ def rglf_loss(logits: torch.Tensor, nll: torch.Tensor, margin: float = 1.0, ce_w
     return rank + ce_weight * ce
 
 
-__all__ = ["rglf_loss"]
+__all__ = ["preference", "rglf_loss"]

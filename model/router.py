@@ -46,6 +46,10 @@ class GranularityRouter(nn.Module):
 
     def forward(self, scaled: dict[int, torch.Tensor], text: torch.Tensor) -> torch.Tensor:
         """scaled: {g: [crops, g, D]}; text: [T, D] prompt embeddings -> logits [n_granularities]."""
+        return self.norm(self.votes(scaled, text))                          # [5]
+
+    def votes(self, scaled: dict[int, torch.Tensor], text: torch.Tensor) -> torch.Tensor:
+        """The votes before the final LayerNorm [n_granularities] (forward without the norm)."""
         feats = [scaled[g] for g in self.granularities]
         crops = feats[0].shape[0]
         txt = filter_text(feats[-1][0], text, self.k)                       # [32, D]
@@ -53,7 +57,21 @@ class GranularityRouter(nn.Module):
         hidden = self.merger(seq)                                           # [crops, 1148, D]
         z = self.router(hidden)                                             # [crops, 1148, 5]
         votes = (z * self.voter).sum(dim=1)                                 # [crops, 5]
-        return self.norm(votes.mean(dim=0))                                 # [5]
+        return votes.mean(dim=0)                                            # [5]
+
+    def forward_many(self, scaled: dict[int, torch.Tensor], texts: list[torch.Tensor]) -> torch.Tensor:
+        """forward for several prompts about one image in one merger call (training):
+        the merger treats every position on its own, so the image rows are computed once
+        and each prompt's k filtered rows are appended along the position axis.
+        scaled: {g: [crops, g, D]}; texts: Q x [T_q, D] -> logits [Q, n_granularities]."""
+        feats = [scaled[g] for g in self.granularities]
+        crops, n_img, k = feats[0].shape[0], sum(self.granularities), self.k
+        txts = [filter_text(feats[-1][0], t, k).expand(crops, -1, -1) for t in texts]   # Q x [crops, k, D]
+        z = self.router(self.merger(torch.cat(feats + txts, dim=1)))        # [crops, 1116 + Q*k, 5]
+        image = (z[:, :n_img] * self.voter[:n_img]).sum(dim=1)              # [crops, 5]
+        text = z[:, n_img:].reshape(crops, len(texts), k, -1)               # [crops, Q, k, 5]
+        text = (text * self.voter[n_img:]).sum(dim=2)                       # [crops, Q, 5]
+        return self.norm((image[:, None] + text).mean(dim=0))               # [Q, 5]
 
     # -- the same maths split into an image part and a text part -------------------------
     # The merger attends across the crops at each position.  The 32 text rows are the same
@@ -105,6 +123,11 @@ class GranularityRouter(nn.Module):
         h = m.norm1(tokens + m.self_attn.out_proj(F.linear(tokens, w, b)))      # [T, D]
         h = m.norm2(h + m.linear2(m.activation(m.linear1(h))))
         return self.router(h)                                                   # [T, 5]
+
+    def normalised(self, votes: torch.Tensor) -> torch.Tensor:
+        """The LayerNorm's normalised votes (before its affine) [..., n]: each lies within
+        +-sqrt(n - 1), and a vote at that bound leaves the others no gradient."""
+        return F.layer_norm(votes, votes.shape[-1:], eps=self.norm.eps)
 
     def combine(self, image_votes: torch.Tensor, text_direction: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The split form of forward (for tests and the runtime's numpy twin): [5] logits."""

@@ -85,3 +85,14 @@ DEFAULT_TEMPLATE = ChatTemplate()
 def prompt_ids(encode: Callable[[str], list[int]], bos_id: int, before: str, after: str) -> tuple[list[int], list[int]]:
     """Token ids before and after the visual tokens; `encode` adds no special tokens."""
     return [bos_id, *encode(before)], (list(encode(after)) if after else [])
+
+
+def router_text_ids(text_from: str, before: list[int], after: list[int], question_ids: list[int]) -> list[int]:
+    """The token ids the router's text filter chooses from: the whole prompt around the
+    image (the spec) or the question's own ids, encoded alone without special tokens
+    (config "router_text_candidates", manifest router.text_from)."""
+    if text_from == C.ROUTER_TEXT_FROM_PROMPT:
+        return [*before, *after]
+    if text_from == C.ROUTER_TEXT_FROM_QUESTION:
+        return list(question_ids)
+    raise ValueError(f"router text candidates: expected one of {list(C.ROUTER_TEXT_FROM)}, got {text_from!r}")

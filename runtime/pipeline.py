@@ -25,7 +25,7 @@ from avg_edge import specs as S
 from avg_edge.errors import InputError, LimitError
 from avg_edge.manifest import Manifest, inside, load_manifest
 from avg_edge.runtime.backends import Backend, open_backends
-from avg_edge.runtime.chat import ChatTemplate, prompt_ids
+from avg_edge.runtime.chat import ChatTemplate, prompt_ids, router_text_ids
 from avg_edge.runtime.image import load_image
 from avg_edge.runtime.packing import gather_indices, visual_token_count
 from avg_edge.runtime.image import warm_up_image_decoders
@@ -225,15 +225,44 @@ class Pipeline:
         feats = vision.infer({"pixel_values": pre.pixel_values.astype(self.dtype)})
         return EncodedImage(pre, feats, t_pre, vision.last_inference_time)
 
-    def prepare(self, image: Any, question: str, granularity: Any = None) -> Prepared:
-        """Router (or a fixed granularity), packing and prompt embeddings: [1, N, D]."""
+    def check_max_visual_tokens(self, max_visual_tokens: Any) -> int | None:
+        """None (no budget) or a positive integer."""
+        if max_visual_tokens is None:
+            return None
+        if isinstance(max_visual_tokens, (bool, float)) or not isinstance(max_visual_tokens, (int, np.integer)) \
+                or int(max_visual_tokens) < 1:
+            raise InputError(f"max_visual_tokens: expected a positive integer (visual tokens for the whole image), "
+                             f"got {max_visual_tokens!r}")
+        return int(max_visual_tokens)
+
+    def visual_token_counts(self, enc: EncodedImage) -> dict[int, int]:
+        """Visual tokens this image costs at each granularity (all crops, newlines included)."""
+        pre = enc.image
+        return {g: visual_token_count(g, pre.grid, pre.image_size) for g in self.granularities}
+
+    def prepare(self, image: Any, question: str, granularity: Any = None, max_visual_tokens: Any = None) -> Prepared:
+        """Router (or a fixed granularity), packing and prompt embeddings: [1, N, D].
+        `max_visual_tokens`: the router's best granularity among those whose visual tokens
+        for this image fit the budget (without a router: the finest that fits)."""
         gran = self.check_granularity(granularity)
+        budget = self.check_max_visual_tokens(max_visual_tokens)
         enc = image if isinstance(image, EncodedImage) else self.encode_image(image)
+        allowed = None
+        if budget is not None:
+            counts = self.visual_token_counts(enc)
+            allowed = [g for g in self.granularities if counts[g] <= budget]
+            if not allowed:
+                raise LimitError(f"max_visual_tokens: {budget} visual tokens fit no granularity for this image "
+                                 f"(visual tokens per granularity: {counts}); raise the budget")
+            if gran is not None and gran not in allowed:
+                raise LimitError(f"max_visual_tokens: granularity {gran} needs {counts[gran]} visual tokens for this "
+                                 f"image, over the budget of {budget} (per granularity: {counts}); drop -g or raise "
+                                 "the budget")
         before, after = prompt_ids(self.tokenizer.encode, self.manifest.bos_token_id, *self.template.render([question]))
         tm = Timings(preprocess=enc.preprocess_seconds, vision=enc.vision_seconds)
         ids = np.asarray(before + after)
         text = np.asarray(self.embed_table[ids], dtype=self.dtype)                               # [T, D]
-        chosen, logits = self._choose(enc, ids, text, gran, tm)
+        chosen, logits = self._choose(enc, question, before, after, gran, tm, allowed)
         d = self.manifest.hidden_size
         source = np.concatenate([enc.features[S.feature_name(chosen)].reshape(-1, d), self._newline_row])
         pre = enc.image
@@ -246,24 +275,32 @@ class Pipeline:
         full = visual_token_count(self.granularities[-1], pre.grid, pre.image_size)
         return Prepared(embeds, chosen, logits, int(visual.shape[0]), int(full), before, after, tm)
 
-    def _choose(self, enc: EncodedImage, ids: np.ndarray, text: np.ndarray, gran: int | None,
-                tm: Timings) -> tuple[int, np.ndarray | None]:
+    def router_ids(self, question: str, before: list[int], after: list[int]) -> list[int]:
+        """The prompt token ids the router's text filter chooses from (manifest router.text_from)."""
+        return router_text_ids(self.manifest.router["text_from"], before, after, self.tokenizer.encode(question))
+
+    def _choose(self, enc: EncodedImage, question: str, before: list[int], after: list[int], gran: int | None,
+                tm: Timings, allowed: list[int] | None = None) -> tuple[int, np.ndarray | None]:
+        """A fixed granularity, or the router's best-scoring one among `allowed` (all if None)."""
         if gran is not None:
             return gran, None
+        allowed = self.granularities if allowed is None else allowed
         if not self.manifest.has_router:
             if not self._said_no_router:
                 log.warning("this build has no router: using the finest granularity %d", self.granularities[-1])
                 self._said_no_router = True
-            return self.granularities[-1], None
+            return allowed[-1], None
         t0 = time.perf_counter()
         if enc.router_image is None:
             router = self.backends[S.ROUTER]
             out = router.infer({name: enc.features[name] for name in router.spec.input_names})
             enc.router_image = (out[router.spec.name_of(S.ROUTER_IMAGE_VOTES)],
                                 out[router.spec.name_of(S.ROUTER_TEXT_DIRECTION)])
-        logits = self.router_text.logits(*enc.router_image, ids, text)
+        ids = np.asarray(self.router_ids(question, before, after), dtype=np.int64)
+        logits = self.router_text.logits(*enc.router_image, ids, self.embed_table[ids])
         tm.router = time.perf_counter() - t0
-        return self.granularities[int(np.argmax(logits))], logits
+        best = max(allowed, key=lambda g: logits[self.granularities.index(g)])
+        return best, logits
 
     def score(self, prepared: Prepared, answer_ids: list[int]) -> float:
         """Mean negative log-likelihood of `answer_ids` after the prompt, teacher-forced in
@@ -292,21 +329,24 @@ class Pipeline:
     # -- on top ----------------------------------------------------------------------------
     def stream(self, image: Any, question: str, granularity: Any = None, max_new_tokens: int = 256,
                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-               seed: int | None = None) -> "Generation":
+               seed: int | None = None, max_visual_tokens: int | None = None) -> "Generation":
         """Text pieces as they are decoded; the Result is `.result` once it is exhausted."""
         t_start = time.perf_counter()
         for b in self.backends.values():
             b.total_inference_time = 0.0
         sampling = SamplingParams(temperature, top_k, top_p, seed)        # bad settings fail before any work
         _check_max_new_tokens(max_new_tokens)
-        prepared = self.prepare(image, question, granularity)
+        self.check_max_visual_tokens(max_visual_tokens)
+        prepared = self.prepare(image, question, granularity, max_visual_tokens)
         return Generation(self, prepared, self.decode(prepared, max_new_tokens, sampling), t_start)
 
     def generate(self, image: Any, question: str, granularity: Any = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, on_text: Callable[[str], None] | None = None) -> Result:
+                 seed: int | None = None, on_text: Callable[[str], None] | None = None,
+                 max_visual_tokens: int | None = None) -> Result:
         """The whole answer; `on_text` receives each piece as it is decoded."""
-        gen = self.stream(image, question, granularity, max_new_tokens, temperature, top_k, top_p, seed)
+        gen = self.stream(image, question, granularity, max_new_tokens, temperature, top_k, top_p, seed,
+                          max_visual_tokens)
         for piece in gen:
             if on_text is not None:
                 on_text(piece)

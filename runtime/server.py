@@ -112,6 +112,10 @@ def parse_request(body: dict[str, Any], opts: ServerOptions) -> dict[str, Any]:
     granularity = body.get("granularity")
     if granularity is not None and granularity != "auto" and (isinstance(granularity, bool) or not isinstance(granularity, int)):
         raise ApiError(400, f"granularity: expected \"auto\" or a token count, got {granularity!r}", param="granularity")
+    max_visual = body.get("max_visual_tokens")
+    if max_visual is not None and (isinstance(max_visual, bool) or not isinstance(max_visual, int) or max_visual < 1):
+        raise ApiError(400, f"max_visual_tokens: expected a positive integer, got {max_visual!r}",
+                       param="max_visual_tokens")
     temperature = _number(body, "temperature", 0.0)
     top_p = _number(body, "top_p", None)
     top_k, seed = _integer(body, "top_k"), _integer(body, "seed")
@@ -124,6 +128,7 @@ def parse_request(body: dict[str, Any], opts: ServerOptions) -> dict[str, Any]:
         "question": question,
         "granularity": None if granularity in (None, "auto") else granularity,
         "max_new_tokens": max_tokens,
+        "max_visual_tokens": max_visual,
         "temperature": temperature,
         "top_p": top_p,
         "top_k": top_k,

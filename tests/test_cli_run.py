@@ -115,7 +115,7 @@ def test_prompt_longer_than_context(small_context_build, images):
     ("missing", "missing file(s) ['router.onnx']"),
     ("checksum", "checksum mismatch for ['tokenizer.json']"),
     ("version", f"build format version 0, this avg-edge reads version {C.MANIFEST_FORMAT}"),
-    ("no-router-entry", "'router' should be an object with 'text_file' and 'text_candidates'"),
+    ("no-router-entry", "'router' should be an object with 'text_file', 'text_candidates' and 'text_from'"),
     ("router-table", "'token_votes' should be float32 [400, 5], got float64 [400, 5]"),
 ])
 def test_broken_build_folders(tiny_build, images, tmp_path, damage, match):

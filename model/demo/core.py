@@ -36,11 +36,12 @@ class Prompt:
     before: list[int]
     after: list[int]
     answer: list[int]   # answer ids + </s>
+    question: list[int]  # the question's own ids (the router's candidates under "question")
 
 
 def encode_qa(tok: Tokenizer, config: AvgLlavaConfig, qa: QA) -> Prompt:
     before, after = prompt_ids(tok.encode, config.text.bos_token_id, *DEFAULT_TEMPLATE.render([qa.question]))
-    return Prompt(before, after, [*tok.encode(qa.answer), config.text.eos_token_id])
+    return Prompt(before, after, [*tok.encode(qa.answer), config.text.eos_token_id], list(tok.encode(qa.question)))
 
 
 def prefix_cache(model: AvgLlavaModel, scaled: dict[int, torch.Tensor], g: int, pre: PreprocessedImage,
@@ -111,7 +112,7 @@ def answer_all(model: AvgLlavaModel, tok: Tokenizer, s: Sample, with_router: boo
         for setting in settings:
             t1 = time.perf_counter()
             eb, ea = model.embed_ids(p.before), model.embed_ids(p.after)       # [Tb, D], [Ta, D]
-            g, _ = model.choose(scaled, torch.cat([eb, ea]), setting)
+            g, _ = model.choose(scaled, model.router_text(p.before, p.after, p.question), setting)
             embeds = model.assemble(scaled, g, pre, eb, ea)[None]              # [1, N, D]
             text = tok.decode(model.greedy(embeds, max_new_tokens=4)[0])
             dt = time.perf_counter() - t1 + t_vision

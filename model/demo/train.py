@@ -12,7 +12,13 @@
    every question but the background;
 2. multi-granularity tuning: loss = mean of the five granularities' losses, tower frozen
    (its outputs are cached per training image);
-3. RGLF: router only; per sample the answer NLL at each granularity ranks them.
+3. RGLF: router only, a fresh one; per sample the answer NLL at each granularity (plus
+   --token-cost x g / 576: cost-aware RGLF, model/rglf.py) ranks them.  After it,
+   router_check on the val split fails the run (no checkpoint written) when the router is
+   pinned at its LayerNorm bound or its picks do not depend on the question.
+
+--router-only CHECKPOINT runs stage 3 alone on a trained checkpoint (a fresh router;
+every other weight is kept bit for bit).
 
 State (model, optimizer, RNG) is saved every --save-every steps as safetensors plus a
 progress.json; --resume continues from it.  The final model goes to --checkpoint.
@@ -35,9 +41,11 @@ from avg_edge.model.checkpoint import save_checkpoint
 from avg_edge.model.demo.core import answer_nll, demo_config, encode_image, encode_qa, scaled_from_tower
 from avg_edge.model.demo.data import sample, training_qas
 from avg_edge.model.demo.tokenizer import write_tokenizer
-from avg_edge.model.demo.evaluate import evaluate
+from avg_edge.model.checkpoint import load_model
+from avg_edge.model.demo.evaluate import evaluate, router_check
 from avg_edge.model.llava import AvgLlavaModel
-from avg_edge.model.rglf import rglf_loss
+from avg_edge.model.rglf import preference, rglf_loss
+from avg_edge.model.router import GranularityRouter
 from avg_edge.runtime.tokenizer import JsonTokenizer
 
 STAGES = ("stage1", "stage2", "stage3")
@@ -77,6 +85,17 @@ def colour_patches(model: AvgLlavaModel, scale: float = 1.0) -> None:
             for c in range(3):
                 conv.weight[3 * r + c] = 0.0
                 conv.weight[3 * r + c, c, y0:y1, x0:x1] = scale / ((y1 - y0) * (x1 - x0))
+
+
+def fresh_router(model: AvgLlavaModel, seed: int = 0) -> None:
+    """A new router (the model's own init) with small positive voter weights: the spec's
+    zero voter gives every granularity the same vote, and the LayerNorm of equal votes
+    has no useful gradient."""
+    torch.manual_seed(seed)
+    model.router = GranularityRouter(model.config)
+    with torch.no_grad():
+        L = model.router.voter.shape[0]
+        model.router.voter.copy_((1.0 + 0.5 * torch.randn(L, 1)) / L)
 
 
 def curriculum_level(idx: int, progress: float, until: float) -> int:
@@ -192,9 +211,9 @@ class Trainer:
             scaled = scaled_from_tower(m, feats)
             if idx not in self.nll:
                 self.nll[idx] = torch.stack([answer_nll(m, scaled, g, pre, ps) for g in m.config.granularities], 1)
-            text = [torch.cat([m.embed_ids(p.before), m.embed_ids(p.after)]) for p in ps]  # [T, D] each
-        logits = torch.stack([m.router(scaled, t) for t in text])                 # [Q, G]
-        return rglf_loss(logits, self.nll[idx], margin=1.0)
+            text = [m.router_text(p.before, p.after, p.question) for p in ps]         # [T, D] each
+        logits = m.router.forward_many(scaled, text)                              # [Q, G]
+        return rglf_loss(logits, preference(self.nll[idx], m.config.granularities, self.args.token_cost), margin=1.0)
 
 
 def run_stage(tr: Trainer, stage: str, steps: int, pool: int, lr: float, start: int, opt, bar: Progress) -> None:
@@ -233,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="run folder (state, logs)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--checkpoint", default=str(Path(__file__).parent / "checkpoint"), help="final model folder")
-    ap.add_argument("--steps", type=int, nargs=3, default=[6000, 600, 300], metavar=("S1", "S2", "S3"))
+    ap.add_argument("--steps", type=int, nargs=3, default=[6000, 600, 1000], metavar=("S1", "S2", "S3"))
     ap.add_argument("--pool", type=int, nargs=2, default=[300, 150], metavar=("P2", "P3"),
                     help="train images cycled in stages 2 and 3 (tower outputs cached)")
     ap.add_argument("--lr", type=float, nargs=3, default=[1e-3, 5e-4, 1e-3])
@@ -247,6 +266,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--curriculum", type=float, default=0.5, metavar="SHARE",
                     help="share of stage 1 that also shows easier marker layouts (see curriculum_level)")
     ap.add_argument("--accum", type=int, default=1, help="images per stage-1 step")
+    ap.add_argument("--router-only", metavar="CHECKPOINT", default=None,
+                    help="run stage 3 alone, with a fresh router, on this trained checkpoint")
+    ap.add_argument("--router-text", choices=("prompt", "question"), default="question",
+                    help="the router filter's candidates (config router_text_candidates): the whole prompt (the "
+                         "spec) or the question's own tokens (default: the 32-token system prompt otherwise fills k)")
+    ap.add_argument("--token-cost", type=float, default=0.0, metavar="LAMBDA",
+                    help="cost-aware RGLF: rank by answer NLL + LAMBDA x g / 576 (0: the paper's RGLF)")
+    ap.add_argument("--router-seed", type=int, default=0)
+    ap.add_argument("--check-images", type=int, default=20, help="val images of the router check after stage 3")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--val", type=int, default=20, help="validation images checked after each stage")
     ap.add_argument("--threads", type=int, default=2)
@@ -256,17 +284,23 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tok = JsonTokenizer(write_tokenizer(out / "tokenizer.json"))
     torch.manual_seed(0)
-    model = AvgLlavaModel(demo_config(tok.vocab_size), tok)
-    sincos_positions(model)
-    colour_patches(model)
-    with torch.no_grad():  # the voter starts at zeros in the model: small positive votes instead
-        L = model.router.voter.shape[0]
-        model.router.voter.copy_((1.0 + 0.5 * torch.randn(L, 1)) / L)
+    if args.router_only:
+        shutil.copyfile(Path(args.router_only) / "tokenizer.json", out / "tokenizer.json")
+        tok = JsonTokenizer(out / "tokenizer.json")
+        model = load_model(args.router_only)
+    else:
+        model = AvgLlavaModel(demo_config(tok.vocab_size), tok)
+        sincos_positions(model)
+        colour_patches(model)
+    model.config = model.config.replace(router_text_candidates=args.router_text, router_token_cost=args.token_cost)
+    fresh_router(model, args.router_seed)
     progress = json.loads((out / "state" / "progress.json").read_text()) if args.resume and (out / "state" / "progress.json").exists() else None
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
             TimeElapsedColumn(), TimeRemainingColumn())
     tr = Trainer(args, model, tok)
     for si, stage in enumerate(STAGES):
+        if args.router_only and stage != "stage3":
+            continue
         steps = args.steps[si]
         start = 0
         params = trainable(model, stage, args.tower_lr)
@@ -290,6 +324,12 @@ def main(argv: list[str] | None = None) -> None:
         print(stage, "val accuracy:", json.dumps(acc))
         if stage == "stage2":
             tr.tower = {k: v for k, v in tr.tower.items() if k < args.pool[1]}  # keep what stage 3 uses
+    check = router_check(model, tok, "val", args.check_images)
+    tr.log({"router_check": {"picks": {k: {str(g): v for g, v in p.items()} for k, p in check.picks.items()},
+                             "at_bound": check.at_bound, "max_ratio": check.max_ratio}})
+    print("router picks on val:", json.dumps({k: {str(g): round(v, 2) for g, v in p.items()} for k, p in check.picks.items()}))
+    if check.problems():
+        raise SystemExit("stage 3 failed its check, no checkpoint written:\n- " + "\n- ".join(check.problems()))
     final = Path(args.checkpoint)
     if final.exists():
         shutil.rmtree(final)

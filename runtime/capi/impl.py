@@ -102,7 +102,7 @@ def install(ffi: Any, lib: Any) -> None:
             data = bytes(ffi.buffer(image, image_len))
             q = text(question, "question")
             p = options(params_json, "params_json")
-            valid = {"granularity", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+            valid = {"granularity", "max_new_tokens", "max_visual_tokens", "temperature", "top_k", "top_p", "seed"}
             if set(p) - valid:
                 raise InputError(f"params_json: unknown keys {sorted(set(p) - valid)}; valid: {sorted(valid)}")
 
