@@ -39,9 +39,10 @@ test: $(VENV)/.linked
 
 DEMO_BUILD := builds/avg-edge-demo
 
-# Build the bundled demo model once (fp32, ONNX Runtime), then ask one coarse and one
-# fine question (the fine one again at fixed 576); -v prints the chosen granularity and
-# visual tokens vs 576 to stderr.
+# Build the bundled demo model once (fp32, ONNX Runtime), then tell its story: a coarse
+# question routed to few visual tokens, a fine one routed to 576, and the same fine
+# question under a tight visual-token budget; -v prints the chosen granularity, visual
+# tokens vs 576 and time to first token to stderr.
 $(DEMO_BUILD)/manifest.json: $(VENV)/.linked $(wildcard model/demo/checkpoint/*)
 	$(VENV)/bin/avg-export build --force
 
@@ -50,8 +51,8 @@ demo: $(DEMO_BUILD)/manifest.json
 	@$(VENV)/bin/avg-run examples/demo-1.png "What colour is the background?" -v
 	@echo; echo '$$ avg-run examples/demo-2.png "What colour is the marker with a white dot?" -v'
 	@$(VENV)/bin/avg-run examples/demo-2.png "What colour is the marker with a white dot?" -v
-	@echo; echo '$$ avg-run examples/demo-2.png "What colour is the marker with a white dot?" -g 576 -v'
-	@$(VENV)/bin/avg-run examples/demo-2.png "What colour is the marker with a white dot?" -g 576 -v
+	@echo; echo '$$ avg-run examples/demo-2.png "What colour is the marker with a white dot?" --max-visual-tokens 200 -v'
+	@$(VENV)/bin/avg-run examples/demo-2.png "What colour is the marker with a white dot?" --max-visual-tokens 200 -v
 
 bench: $(VENV)/.linked
 	$(PY) benchmarks/bench_runtime.py
