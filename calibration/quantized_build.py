@@ -55,6 +55,9 @@ def build_quantized(o: BuildOptions, q: QuantOptions, progress: Callable[[str], 
     p = o.precision_info
     if p.quantizer is None:
         raise UsageError(f"build_quantized: expected a quantized precision (int8, int4), got {o.precision}")
+    if not o.validate:
+        raise UsageError(f"--no-validate: an {o.precision} build measures its drift against the validated "
+                         f"{p.exported_as} graphs' PyTorch references, so it always validates; drop --no-validate")
     start = time.perf_counter()
     samples = load_samples(q.calib_data, q.calib_samples) if p.quantizer == "int8" else []   # bad data fails early
     evals = load_samples(q.eval_data, q.eval_samples) if q.eval_data else demo_samples(q.eval_samples, split="test")
