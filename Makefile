@@ -19,7 +19,7 @@ $(INSTALL): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[export,capi,serve,dev]" --config-settings editable_mode=strict
+	$(PY) -m pip install -q -e ".[export,capi,serve,dev,triton]" --config-settings editable_mode=strict
 	touch $@
 
 $(PKG_LIST): FORCE
@@ -34,7 +34,20 @@ $(VENV)/.linked: $(PKG_LIST) $(INSTALL)
 
 FORCE:
 
-test: $(VENV)/.linked
+# A real tritonserver (2.51, Python backend, CPU) for the Triton tests: the one bundled in
+# the nvidia-pytriton wheel, unpacked, not installed (its package pins numpy<2).  When the
+# wheel cannot be fetched the Triton tests skip and say so.
+TRITON_WHEEL := nvidia-pytriton==0.7.0
+TRITON_DIR := build/tritonserver
+$(TRITON_DIR)/.unpacked: | $(INSTALL)
+	@mkdir -p build/wheels
+	@if $(PY) -m pip download -q --no-deps --only-binary=:all: -d build/wheels "$(TRITON_WHEEL)" >/dev/null 2>&1; then \
+	    rm -rf $(TRITON_DIR) && $(PY) -m zipfile -e build/wheels/nvidia_pytriton-0.7.0-*.whl $(TRITON_DIR) && \
+	    chmod +x $(TRITON_DIR)/pytriton/tritonserver/bin/tritonserver \
+	        $(TRITON_DIR)/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub && touch $@; \
+	else echo "could not download $(TRITON_WHEEL): the Triton tests will skip"; fi
+
+test: $(VENV)/.linked $(TRITON_DIR)/.unpacked
 	$(PY) -m pytest -q -p no:cacheprovider
 
 DEMO_BUILD := builds/avg-edge-demo

@@ -172,6 +172,32 @@ def engines_cmd(
     out.print(f"{build_dir}: engines {m.engines} for TensorRT {m.tensorrt['version']} on {m.tensorrt['gpu']}")
 
 
+@export_app.command("triton")
+@_exits
+def triton_cmd(
+    build_dir: Path = typer.Argument(..., help="A build folder."),
+    out: Path = typer.Argument(..., help="The model repository to write (tritonserver --model-repository OUT)."),
+    backend: str = typer.Option("python", "--backend",
+                                help="How vision and router run: python (ONNX Runtime inside Triton's Python backend; "
+                                     "any machine), onnxruntime (Triton's ONNX Runtime backend, the .onnx files) or "
+                                     "tensorrt (the build's engines; build them on the target GPU first)."),
+    instances: int = typer.Option(1, "--instances", min=1, help="Instances of the vision and router models."),
+    orchestrators: int = typer.Option(1, "--orchestrators", min=1,
+                                      help="Instances of the avg_edge model: requests answered at the same time."),
+    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime threads per Python-backend instance (0: default)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Write a Triton Inference Server model repository for a build (vision, router, and a
+    streaming avg_edge orchestrator)."""
+    from avg_edge.export.triton import TritonOptions, write_repository
+
+    if not build_dir.is_dir():
+        raise UsageError(f"build folder not found: {build_dir}")
+    models = write_repository(build_dir, out, TritonOptions(backend, instances, orchestrators, threads, force))
+    err.print(f"wrote {out}: models {', '.join(models)}; serve it with tritonserver --model-repository {out}",
+              markup=False)
+
+
 @export_app.command("inspect")
 @_exits
 def inspect_cmd(build_dir: Path = typer.Argument(..., help="A build folder."),

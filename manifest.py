@@ -240,9 +240,12 @@ class BuildCommit:
         self._scratch.mkdir(exist_ok=True)
         return self._scratch
 
-    def finish(self, manifest: Manifest) -> None:
-        manifest.record_files(self.folder)
-        (self.folder / C.MANIFEST_FILE).write_text(manifest.to_json())
+    def finish(self, manifest: Manifest | None) -> None:
+        """Record and write the manifest (None: a folder that is not a build, such as a
+        Triton model repository), then put the folder in place of `out`."""
+        if manifest is not None:
+            manifest.record_files(self.folder)
+            (self.folder / C.MANIFEST_FILE).write_text(manifest.to_json())
         if self.out.exists():
             old = self.parent / f".{self.out.name}.old-{os.getpid()}"
             os.rename(self.out, old)

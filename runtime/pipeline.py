@@ -155,13 +155,16 @@ class Pipeline:
 
     @classmethod
     def load(cls, build_dir: str | Path, backend: str = "auto", verify: bool = False, threads: int = 0,
-             manifest: Manifest | None = None) -> "Pipeline":
+             manifest: Manifest | None = None, backends: dict[str, Backend] | None = None) -> "Pipeline":
         """Open a build folder (see `runtime.backends` for what `backend` picks).
-        `manifest` replaces the folder's manifest.json (while a build is assembled)."""
+        `manifest` replaces the folder's manifest.json (while a build is assembled);
+        `backends` gives some graphs' backends ready-made (a Triton model called through
+        BLS); the others are opened from the folder."""
         t0 = time.perf_counter()
         folder = Path(build_dir)
         m = manifest if manifest is not None else load_manifest(folder, verify=verify)
-        backends = open_backends(folder, m, backend, threads)
+        given = dict(backends or {})
+        backends = given | open_backends(folder, m, backend, threads, skip=tuple(given))
         try:
             tok = JsonTokenizer(inside(folder, C.TOKENIZER_JSON_FILE, "tokenizer"))
             table = _load_table(inside(folder, C.EMBED_TABLE_FILE, "table"), mmap=True)

@@ -31,8 +31,9 @@ def is_quantized(manifest: Manifest, graph: str) -> bool:
     return method.startswith("int")
 
 
-def open_backends(folder: Path, manifest: Manifest, backend: str = "auto", threads: int = 0) -> dict[str, Backend]:
-    """One backend per graph of the build, chosen by the policy above."""
+def open_backends(folder: Path, manifest: Manifest, backend: str = "auto", threads: int = 0,
+                  skip: tuple[str, ...] = ()) -> dict[str, Backend]:
+    """One backend per graph of the build (but those in `skip`), chosen by the policy above."""
     from avg_edge.runtime.backends import trt_backend
 
     check_backend(backend)
@@ -40,6 +41,8 @@ def open_backends(folder: Path, manifest: Manifest, backend: str = "auto", threa
     opened: dict[str, Backend] = {}
     try:
         for name in manifest.graphs:
+            if name in skip:
+                continue
             spec = manifest.spec(name)
             if use_trt:
                 try:
