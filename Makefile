@@ -67,12 +67,14 @@ demo: $(DEMO_BUILD)/manifest.json
 	@echo; echo '$$ avg-run examples/demo-2.png "What colour is the marker with a white dot?" --max-visual-tokens 200 -v'
 	@$(VENV)/bin/avg-run examples/demo-2.png "What colour is the marker with a white dot?" --max-visual-tokens 200 -v
 
-bench: $(VENV)/.linked
+bench: $(VENV)/.linked $(TRITON_DIR)/.unpacked
 	$(PY) benchmarks/bench_runtime.py
 	$(PY) benchmarks/bench_runtime.py --tiny
 	$(PY) benchmarks/bench_export.py
 	$(PY) benchmarks/bench_kv_routes.py
 	$(PY) benchmarks/bench_routing.py
+	$(PY) benchmarks/bench_roofline.py
+	$(PY) benchmarks/bench_triton.py
 
 capi: $(VENV)/.linked
 	$(PY) -m avg_edge.runtime.capi.compile --out build/capi
