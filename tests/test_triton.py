@@ -157,3 +157,19 @@ def test_triton_errors_keep_their_category(served):
         ask(served.grpc_url, (EXAMPLES / "demo-1.png").read_bytes(), "What?", max_visual_tokens=10)
     r = ask(served.grpc_url, (EXAMPLES / "demo-1.png").read_bytes(), "What colour is the background?")
     assert r.finish_reason in ("stop", "length")                          # the server is still serving
+
+
+def test_triton_matches_the_golden_tokens(served):
+    """The golden matrix (tests/golden, shared by the PyTorch, ONNX Runtime and TensorRT
+    paths) through Triton: the same granularity and text for every case."""
+    import io
+
+    from avg_edge.model.demo.data import sample
+    from avg_edge.runtime.triton import ask
+
+    golden = json.loads((ROOT / "tests" / "golden" / "demo_greedy.json").read_text())
+    for case in golden:
+        png = io.BytesIO()
+        sample("test", case["index"]).image.save(png, format="PNG")        # lossless: the same pixels
+        r = ask(served.grpc_url, png.getvalue(), case["question"], granularity=case["granularity"], max_tokens=8)
+        assert (r.granularity, r.text) == (case["chosen"], case["text"]), case
