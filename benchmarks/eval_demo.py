@@ -27,7 +27,25 @@ DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "model" / "demo" / "checkpo
 COLUMNS = (*KINDS, "coarse", "fine", "all")
 
 
-def markdown(table: dict[str, dict[str, float]], n_questions: int, checkpoint: str, split: str = "test") -> str:
+def router_targets(answers) -> dict[str, float]:
+    """The demo issue's router figures: coarse questions' visual tokens with the router as a
+    share of fixed 576's, and the share of fine questions routed to a granularity whose
+    fixed accuracy on that kind is within 2 points of 576's (or above)."""
+    from avg_edge.model.demo.data import COARSE, FINE
+
+    def acc(setting, kind):
+        rows = [a for a in answers if a.setting == setting and a.kind == kind]
+        return 100.0 * sum(a.correct for a in rows) / max(1, len(rows))
+
+    tokens = lambda setting: sum(a.visual_tokens for a in answers if a.setting == setting and a.kind in COARSE)  # noqa: E731
+    fine = [a for a in answers if a.setting == "router" and a.kind in FINE]
+    good = sum(acc(str(a.granularity), a.kind) >= acc("576", a.kind) - 2.0 for a in fine)
+    return {"coarse_tokens_share": 100.0 * tokens("router") / max(1, tokens("576")),
+            "fine_well_routed": 100.0 * good / max(1, len(fine))}
+
+
+def markdown(table: dict[str, dict[str, float]], n_questions: int, checkpoint: str, split: str = "test",
+             targets: dict[str, float] | None = None) -> str:
     settings = [s for s in ("36", "72", "144", "288", "576", "router") if s in table]
     full = table["576"]["tokens"]
     lines = [
@@ -45,6 +63,10 @@ def markdown(table: dict[str, dict[str, float]], n_questions: int, checkpoint: s
     if "router" in table:
         picks = {k[7:]: v for k, v in table["router"].items() if k.startswith("picked_")}
         lines += ["", "Router's choices: " + ", ".join(f"{g}: {v:.1f}%" for g, v in picks.items())]
+    if targets:
+        lines += ["", f"Router on coarse questions: {targets['coarse_tokens_share']:.1f}% of fixed 576's visual tokens. "
+                      f"Fine questions routed to a granularity within 2 points of 576's accuracy on their kind (or "
+                      f"above): {targets['fine_well_routed']:.1f}%."]
     return "\n".join(lines) + "\n"
 
 
@@ -102,11 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     n_questions = images * len(KINDS)
     shown = Path(args.checkpoint).resolve()
     root = DEFAULT_CKPT.parents[2]
-    text = markdown(table, n_questions, str(shown.relative_to(root)) if shown.is_relative_to(root) else args.checkpoint, args.split)
+    targets = router_targets(answers) if "router" in table else None
+    text = markdown(table, n_questions, str(shown.relative_to(root)) if shown.is_relative_to(root) else args.checkpoint,
+                    args.split, targets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_eval.md").write_text(text)
-    (out / "demo_eval.json").write_text(json.dumps(table, indent=2))
+    (out / "demo_eval.json").write_text(json.dumps({**table, **({"router_targets": targets} if targets else {})}, indent=2))
     plot(table, out / "demo_eval.png", args.split)
     print(text)
     print(f"{n_questions} questions in {time.perf_counter() - t0:.0f} s; wrote {out / 'demo_eval.md'} and demo_eval.png")
