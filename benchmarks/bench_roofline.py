@@ -5,7 +5,8 @@ step time against past length for both KV caches.
     python benchmarks/bench_roofline.py --layers 4 --work builds/bench-roofline
 
 1. Memory bandwidth: the larger of numpy summing a 1 GiB float32 array (one thread) and
-   ONNX Runtime's matrix-vector product over 1 GiB of fp32 weights (all threads).
+   ONNX Runtime's matrix-vector products over 16 chained 4096 x 4096 fp32 matrices (1 GiB,
+   all threads; a decode step's access pattern).
    GEMM rate: the largest of ONNX Runtime's fp32 MatMul at 512 x 4096 x {4096, 11008}
    and 512 x 11008 x 4096.  Medians.
 2. Builds (kept in --work and reused) of a full-width checkpoint with N decoder layers
@@ -60,16 +61,34 @@ def _matmul_seconds(m: int, k: int, n: int, repeats: int) -> float:
     return median_seconds(lambda: s.run(None, {"x": x}), repeats)
 
 
+def _gemv_chain_seconds(layers: int, dim: int, repeats: int) -> float:
+    """Median seconds of ONNX Runtime running `layers` chained fp32 MatMuls [1, dim] x
+    [dim, dim]: a decode step's access pattern (one pass over many weight matrices)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    for i in range(layers):
+        inits.append(numpy_helper.from_array((rng.standard_normal((dim, dim), dtype=np.float32) / dim**0.5), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, dim])],
+                              [helper.make_tensor_value_info(f"h{layers}", TensorProto.FLOAT, [1, dim])], inits)
+    s = ort.InferenceSession(helper.make_model(graph).SerializeToString(), providers=["CPUExecutionProvider"])
+    del inits, graph
+    x = np.ones((1, dim), np.float32)
+    return median_seconds(lambda: s.run(None, {"x": x}), repeats)
+
+
 def bandwidth(repeats: int) -> dict[str, float]:
     """Read bandwidth, bytes/s, two ways: numpy summing a 1 GiB array (one thread) and ONNX
-    Runtime's matrix-vector product over 1 GiB of fp32 weights (all threads; what a decode
-    step is made of).  The roofline uses the larger."""
+    Runtime's matrix-vector products over 16 fp32 matrices of 4096 x 4096 (1 GiB, all
+    threads: what a decode step does).  The roofline uses the larger."""
     a = np.ones(GIB // 4, np.float32)
     numpy_sum = a.nbytes / median_seconds(lambda: a.sum(), repeats)
     del a
-    k, n = 4096, GIB // 4 // 4096
-    gemv = 4 * k * n / _matmul_seconds(1, k, n, repeats)
-    return {"numpy sum (1 thread)": numpy_sum, "ORT MatMul 1x4096x65536 fp32": gemv}
+    gemv = GIB / _gemv_chain_seconds(16, 4096, repeats)
+    return {"numpy sum (1 thread)": numpy_sum, "ORT 16 chained MatMuls 1x4096x4096 fp32": gemv}
 
 
 def gemm_rate(repeats: int) -> dict[str, float]:
