@@ -67,9 +67,9 @@ def answer_nll(pipe: Pipeline, sample: CalibSample) -> tuple[EncodedImage, np.nd
 def router_stats(pipe: Pipeline, samples: list[CalibSample], prefs: list[np.ndarray]) -> RouterStats:
     """prefs: per sample, the values RGLF ranks (NLL, plus the token cost if any)."""
     agree, acc, tokens = 0, Accuracy(), []
-    for s, nll in zip(samples, prefs):
+    for s, pref in zip(samples, prefs):
         r = pipe.generate(s.image, s.question, max_new_tokens=8)
-        agree += r.granularity == pipe.granularities[int(np.argmin(nll))]
+        agree += r.granularity == pipe.granularities[int(np.argmin(pref))]
         tokens.append(r.visual_tokens)
         if s.answer is not None:
             acc.add(r.text, s.answer)

@@ -138,16 +138,15 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def graph_files(folder: Path, m: Manifest, name: str, backend: str) -> list[Path]:
-    """The files the vision or router model needs: the engine, or the ONNX graph and its data."""
-    spec = m.spec(name)
-    if backend == "tensorrt":
-        if name not in m.engines:
-            raise UsageError(f"{folder}: no TensorRT engine for {name}; make them on the target GPU with "
-                             f"avg-export engines {folder}, or pass --backend onnxruntime|python")
-        return [inside(folder, m.engines[name], "engine")]
-    main = inside(folder, spec.file, "graph file")
-    return [main, *sorted(p for p in folder.glob(spec.file + ".data") if p.is_file())]
+def onnx_files(folder: Path, m: Manifest, name: str) -> list[Path]:
+    """A graph's ONNX file and its external data, if any."""
+    main = inside(folder, m.spec(name).file, "graph file")
+    return [main, *sorted(p for p in folder.glob(main.name + ".data") if p.is_file())]
+
+
+def engine_files(folder: Path, m: Manifest, name: str) -> list[Path]:
+    """A graph's TensorRT engine, when the build has one."""
+    return [inside(folder, m.engines[name], "engine")] if name in m.engines else []
 
 
 def write_repository(build_dir: str | Path, out: str | Path, o: TritonOptions) -> list[str]:
@@ -169,11 +168,13 @@ def write_repository(build_dir: str | Path, out: str | Path, o: TritonOptions) -
         repo = commit.folder
         skip: set[str] = set()
         for g in graphs:
-            files = graph_files(folder, m, g, o.backend)
+            files = engine_files(folder, m, g) if o.backend == "tensorrt" else onnx_files(folder, m, g)
+            if not files:
+                raise UsageError(f"{folder}: no TensorRT engine for {g}; make them on the target GPU with "
+                                 f"avg-export engines {folder}, or pass --backend onnxruntime|python")
             for f in files:
                 _link(f, repo / g / "1" / f.name)
-            skip.update(p.name for p in [*graph_files(folder, m, g, "python"),
-                                          *([inside(folder, m.engines[g], "engine")] if g in m.engines else [])])
+            skip.update(p.name for p in [*onnx_files(folder, m, g), *engine_files(folder, m, g)])
             if o.backend == "python":
                 (repo / g / "1" / "model.py").write_text(MODEL_PY.format(cls="GraphModel"))
             (repo / g / "config.pbtxt").write_text(graph_config(g, m.spec(g), o, files[0].name, path))

@@ -86,7 +86,7 @@ class AvgLlavaModel(nn.Module):
         """The embeddings the router's text filter chooses from [T, D] (all of the prompt,
         or the question alone: config.router_text_candidates)."""
         ids = router_text_ids(self.config.router_text_candidates, before, after, question_ids)
-        return self.embed_ids(ids) if ids else self.embed_ids([0])[:0]
+        return self.embed_ids(ids)                                   # [T, D]; T may be 0
 
     def cast_(self, dtype: torch.dtype) -> "AvgLlavaModel":
         """Convert weights to `dtype` in place, keeping RoPE's inverse frequencies in fp32

@@ -339,7 +339,6 @@ class Pipeline:
             b.total_inference_time = 0.0
         sampling = SamplingParams(temperature, top_k, top_p, seed)        # bad settings fail before any work
         _check_max_new_tokens(max_new_tokens)
-        self.check_max_visual_tokens(max_visual_tokens)
         prepared = self.prepare(image, question, granularity, max_visual_tokens)
         return Generation(self, prepared, self.decode(prepared, max_new_tokens, sampling), t_start)
 

@@ -20,7 +20,6 @@ inside the stub).
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,6 @@ from avg_edge.errors import (AvgEdgeError, BackendError, BuildFolderError, Busy,
                              LimitError, UsageError, category_of)
 from avg_edge.runtime.backends.base import Backend
 from avg_edge.specs import GraphSpec
-
-log = logging.getLogger("avg_edge")
 
 # The orchestrator's tensors (export/triton.py writes them into its config.pbtxt).
 ORCHESTRATOR_INPUTS = (   # name, Triton type, dims, optional
@@ -168,7 +165,7 @@ def request_arguments(pb: Any, request: Any) -> dict[str, Any]:
     max_tokens = _optional(pb, request, "max_tokens")
     return {
         "image": to_numpy(image).reshape(-1).tobytes(),
-        "question": str(question),
+        "question": question,
         "granularity": None if granularity in (None, 0) else int(granularity),
         "max_new_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else int(max_tokens),
         "max_visual_tokens": _optional(pb, request, "max_visual_tokens"),
@@ -186,12 +183,11 @@ class OrchestratorModel:
         self.pb = pb
 
     def initialize(self, args: dict) -> None:
+        from avg_edge.manifest import load_manifest
         from avg_edge.runtime.pipeline import Pipeline
 
         config = json.loads(args["model_config"])
         folder = Path(args["model_repository"]) / args["model_version"] / _parameter(config, "build_folder")
-        from avg_edge.manifest import load_manifest
-
         m = load_manifest(folder)
         remote = {S.VISION: _parameter(config, "vision_model"), S.ROUTER: _parameter(config, "router_model")}
         bls = {g: BlsBackend(m.spec(g), self.pb, name) for g, name in remote.items() if g in m.graphs}
@@ -235,6 +231,7 @@ class OrchestratorModel:
 _CLIENT_ERRORS = {"usage": InputError, "image": ImageError, "limit": LimitError, "build": BuildFolderError,
                   "busy": Busy, "cancelled": Cancelled}
 
+
 @dataclass
 class TritonAnswer:
     text: str
@@ -247,7 +244,7 @@ class TritonAnswer:
 def ask(url: str, image: bytes, question: str, granularity: int | None = None, max_tokens: int | None = None,
         max_visual_tokens: int | None = None, timeout: float = 120.0) -> TritonAnswer:
     """One streamed request to the repository's avg_edge model over gRPC (needs the
-    `triton` extra: tritonclient[grpc]).  A server-side error raises the error table's
+    `triton` extra: tritonclient and grpcio).  A server-side error raises the error table's
     exception for its category (InputError, ImageError, LimitError, ...; else BackendError)."""
     import queue
 
