@@ -51,26 +51,35 @@ class ChatTemplate:
             raise BuildFolderError(f"{where}: 'roles' should be two strings (user, assistant), got {roles!r:.60}")
         return cls(d["name"], d["system"], (roles[0], roles[1]), d["sep"], d["sep2"])
 
-    def render(self, turns: Sequence[str], system: str | None = None, image: bool = True) -> tuple[str, str]:
+    def render(self, turns: Sequence[str], system: str | None = None, image: bool = True,
+               image_turn: int = 0) -> tuple[str, str]:
         """The prompt around the image: (text before it, text after it).
 
         `turns` alternate user, assistant, ..., user (the last turn is the question the
-        answer follows); the image opens the first user turn.  Without an image the
-        whole prompt is the first element."""
+        answer follows); the image opens user turn `image_turn` (an index into `turns`,
+        the first turn by default, as LLaVA puts it).  Without an image the whole prompt
+        is the first element."""
         if not turns or len(turns) % 2 == 0:
             raise InputError(f"conversation: expected user and assistant turns alternating and ending with a user "
                              f"turn, got {len(turns)} turn(s)")
+        if image and not (0 <= image_turn < len(turns) and image_turn % 2 == 0):
+            raise InputError(f"conversation: the image must open a user turn (an even index below {len(turns)}), "
+                             f"got turn {image_turn}")
         for i, text in enumerate(turns):
             check_question(text, "question" if i % 2 == 0 else "assistant message")
         seps = (self.sep, self.sep2)
         parts = [(self.system if system is None else system) + self.sep]
+        cut = 0
         for i, text in enumerate(turns):
-            parts.append(f"{self.roles[i % 2]}: " + ("\n" if i == 0 and image else "") + text + seps[i % 2])
+            head = f"{self.roles[i % 2]}: "
+            if image and i == image_turn:
+                cut = sum(map(len, parts)) + len(head)          # just after "USER: " of the image's turn
+                head += "\n"
+            parts.append(head + text + seps[i % 2])
         parts.append(f"{self.roles[1]}:")
         text = "".join(parts)
         if not image:
             return text, ""
-        cut = len(parts[0]) + len(self.roles[0]) + 2       # just after "USER: " of the first turn
         return text[:cut], text[cut:]
 
     def text(self, question: str) -> str:

@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from avg_edge.runtime.image import warm_up_image_decoders
 from avg_edge.runtime.router import RouterText
 from avg_edge.runtime.preprocess import PreprocessConfig, PreprocessedImage, preprocess_image
 from avg_edge.runtime.sampling import SamplingParams, next_token
-from avg_edge.runtime.text import TextStream
+from avg_edge.runtime.text import StopText, TextStream
 from avg_edge.runtime.tokenizer import JsonTokenizer, Tokenizer
 
 log = logging.getLogger("avg_edge")
@@ -79,7 +79,7 @@ class Result:
 
     text: str
     token_ids: list[int]
-    granularity: int
+    granularity: int | None               # None: a text-only prompt (no image)
     router_logits: list[float] | None
     visual_tokens: int
     visual_tokens_full: int               # what the finest granularity would have cost
@@ -111,7 +111,7 @@ class Prepared:
     """Everything between the image and the decoder for one question."""
 
     embeds: np.ndarray                     # [1, N, D] prompt before | visual tokens | prompt after
-    granularity: int
+    granularity: int | None                # None: a text-only prompt
     router_logits: np.ndarray | None       # [n_granularities]
     visual_tokens: int
     visual_tokens_full: int
@@ -243,12 +243,25 @@ class Pipeline:
         pre = enc.image
         return {g: visual_token_count(g, pre.grid, pre.image_size) for g in self.granularities}
 
-    def prepare(self, image: Any, question: str, granularity: Any = None, max_visual_tokens: Any = None) -> Prepared:
+    def prepare(self, image: Any, question: str, granularity: Any = None, max_visual_tokens: Any = None, *,
+                history: Sequence[str] = (), system: str | None = None, image_turn: int = 0) -> Prepared:
         """Router (or a fixed granularity), packing and prompt embeddings: [1, N, D].
         `max_visual_tokens`: the router's best granularity among those whose visual tokens
-        for this image fit the budget (without a router: the finest that fits)."""
+        for this image fit the budget (without a router: the finest that fits).
+
+        A conversation: `history` holds the earlier turns (user, assistant, ...), `question`
+        is the last user turn, the image opens user turn `image_turn` and `system` replaces
+        the template's system prompt.  `image` None: a text-only prompt (no vision, no
+        router; the plain language model)."""
+        turns = [*history, question]
+        if image is None:
+            if granularity not in (None, "auto") or max_visual_tokens is not None:
+                raise InputError("granularity and max_visual_tokens choose visual tokens: a request without an image "
+                                 "has none (send an image, or leave them out)")
+            return self._prepare_text(turns, system)
         gran = self.check_granularity(granularity)
         budget = self.check_max_visual_tokens(max_visual_tokens)
+        before_text, after_text = self.template.render(turns, system, image_turn=image_turn)   # bad turns fail first
         enc = image if isinstance(image, EncodedImage) else self.encode_image(image)
         allowed = None
         if budget is not None:
@@ -261,7 +274,7 @@ class Pipeline:
                 raise LimitError(f"max_visual_tokens: granularity {gran} needs {counts[gran]} visual tokens for this "
                                  f"image, over the budget of {budget} (per granularity: {counts}); drop -g or raise "
                                  "the budget")
-        before, after = prompt_ids(self.tokenizer.encode, self.manifest.bos_token_id, *self.template.render([question]))
+        before, after = prompt_ids(self.tokenizer.encode, self.manifest.bos_token_id, before_text, after_text)
         tm = Timings(preprocess=enc.preprocess_seconds, vision=enc.vision_seconds)
         ids = np.asarray(before + after)
         text = np.asarray(self.embed_table[ids], dtype=self.dtype)                               # [T, D]
@@ -271,12 +284,23 @@ class Pipeline:
         pre = enc.image
         visual = source[gather_indices(chosen, pre.grid, pre.image_size)]                         # [V, D]
         embeds = np.concatenate([text[:len(before)], visual, text[len(before):]])[None]           # [1, N, D]
-        n, ctx = embeds.shape[1], self.manifest.context_length
-        if n >= ctx:
-            raise LimitError(f"the prompt is {n} tokens ({visual.shape[0]} visual) but the build's context holds "
-                             f"{ctx}; use a coarser granularity or rebuild with a larger --max-context")
+        self._check_context(embeds.shape[1], f" ({visual.shape[0]} visual)",
+                            "use a coarser granularity, a shorter conversation or rebuild with a larger --max-context")
         full = visual_token_count(self.granularities[-1], pre.grid, pre.image_size)
         return Prepared(embeds, chosen, logits, int(visual.shape[0]), int(full), before, after, tm)
+
+    def _prepare_text(self, turns: list[str], system: str | None) -> Prepared:
+        """A prompt without an image: the template's turns, embedded, nothing visual."""
+        text, _ = self.template.render(turns, system, image=False)
+        ids, _ = prompt_ids(self.tokenizer.encode, self.manifest.bos_token_id, text, "")
+        self._check_context(len(ids), "", "shorten the conversation or rebuild with a larger --max-context")
+        embeds = np.asarray(self.embed_table[np.asarray(ids)], dtype=self.dtype)[None]            # [1, N, D]
+        return Prepared(embeds, None, None, 0, 0, ids, [], Timings())
+
+    def _check_context(self, n: int, detail: str, hint: str) -> None:
+        ctx = self.manifest.context_length
+        if n >= ctx:
+            raise LimitError(f"the prompt is {n} tokens{detail} but the build's context holds {ctx}; {hint}")
 
     def router_ids(self, question: str, before: list[int], after: list[int]) -> list[int]:
         """The prompt token ids the router's text filter chooses from (manifest router.text_from)."""
@@ -332,27 +356,61 @@ class Pipeline:
     # -- on top ----------------------------------------------------------------------------
     def stream(self, image: Any, question: str, granularity: Any = None, max_new_tokens: int = 256,
                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-               seed: int | None = None, max_visual_tokens: int | None = None) -> "Generation":
-        """Text pieces as they are decoded; the Result is `.result` once it is exhausted."""
+               seed: int | None = None, max_visual_tokens: int | None = None, *, history: Sequence[str] = (),
+               system: str | None = None, image_turn: int = 0, stop: Sequence[str] = ()) -> "Generation":
+        """Text pieces as they are decoded; the Result is `.result` once it is exhausted.
+        `history`, `system`, `image_turn` as in `prepare`; `stop`: strings that end the
+        answer where they first appear (not included)."""
         t_start = time.perf_counter()
         for b in self.backends.values():
             b.total_inference_time = 0.0
         sampling = SamplingParams(temperature, top_k, top_p, seed)        # bad settings fail before any work
         _check_max_new_tokens(max_new_tokens)
-        prepared = self.prepare(image, question, granularity, max_visual_tokens)
-        return Generation(self, prepared, self.decode(prepared, max_new_tokens, sampling), t_start)
+        stops = check_stop(stop)
+        prepared = self.prepare(image, question, granularity, max_visual_tokens, history=history, system=system,
+                                image_turn=image_turn)
+        return Generation(self, prepared, self.decode(prepared, max_new_tokens, sampling), t_start, stops)
 
     def generate(self, image: Any, question: str, granularity: Any = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, on_text: Callable[[str], None] | None = None,
-                 max_visual_tokens: int | None = None) -> Result:
-        """The whole answer; `on_text` receives each piece as it is decoded."""
+                 max_visual_tokens: int | None = None, **conversation: Any) -> Result:
+        """The whole answer; `on_text` receives each piece as it is decoded; `conversation`:
+        `stream`'s history, system, image_turn and stop."""
         gen = self.stream(image, question, granularity, max_new_tokens, temperature, top_k, top_p, seed,
-                          max_visual_tokens)
+                          max_visual_tokens, **conversation)
         for piece in gen:
             if on_text is not None:
                 on_text(piece)
         return gen.result
+
+    def result(self, prepared: Prepared, ids: list[int], finish_reason: str, t_start: float, prefill_seconds: float,
+               first_token_at: float, decode_seconds: float, text: str | None = None) -> Result:
+        """The Result of a finished answer (`text`: the answer cut at a stop sequence; by
+        default all of `ids` decoded)."""
+        p = prepared
+        tm = replace(p.timings, load=self.load_seconds, prompt_eval=prefill_seconds,
+                     prompt_eval_count=p.embeds.shape[1], eval=decode_seconds, eval_count=len(ids),
+                     time_to_first_token=(first_token_at - t_start) if first_token_at else 0.0)
+        tm.total = time.perf_counter() - t_start
+        tm.backend = sum(b.total_inference_time for b in self.backends.values())
+        probs = p.router_probs
+        return Result(text=(self.tokenizer.decode(ids) if text is None else text).strip(), token_ids=list(ids),
+                      granularity=p.granularity,
+                      router_logits=None if p.router_logits is None else [float(x) for x in p.router_logits],
+                      router_probs=None if probs is None else [float(x) for x in probs],
+                      visual_tokens=p.visual_tokens, visual_tokens_full=p.visual_tokens_full,
+                      finish_reason=finish_reason, timings=tm)
+
+
+def check_stop(stop: Any) -> tuple[str, ...]:
+    """OpenAI's `stop`: None, a string or a list of at most 4 non-empty strings."""
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, (list, tuple)) or len(items) > 4 or not all(isinstance(s, str) and s for s in items):
+        raise InputError(f"stop: expected a string or a list of up to 4 non-empty strings, got {stop!r:.80}")
+    return tuple(items)
 
 
 class TokenStream:
@@ -395,28 +453,32 @@ class TokenStream:
         self.first_token_at = time.perf_counter()
         self.prefill_seconds = self.first_token_at - t0
         t0 = self.first_token_at
-        while True:
-            token = next_token(np.asarray(out[logits_name])[0, -1], self.sampling, rng)
-            if token == eos:
-                self.finish_reason = "stop"
-                break
-            self.count += 1
-            yield token
-            if self.count >= self.room:
-                self.finish_reason = "length"
-                break
-            embed = np.asarray(pipe.embed_table[[token]], dtype=pipe.dtype)[None]
-            out = dec.infer_kv(roles.step_feeds(embed, pos, roles.next_past(out)), (logits_name,), aliases)
-            pos += 1
-        self.decode_seconds = time.perf_counter() - t0 if self.count else 0.0
+        try:
+            while True:
+                token = next_token(np.asarray(out[logits_name])[0, -1], self.sampling, rng)
+                if token == eos:
+                    self.finish_reason = "stop"
+                    break
+                self.count += 1
+                yield token
+                if self.count >= self.room:
+                    self.finish_reason = "length"
+                    break
+                embed = np.asarray(pipe.embed_table[[token]], dtype=pipe.dtype)[None]
+                out = dec.infer_kv(roles.step_feeds(embed, pos, roles.next_past(out)), (logits_name,), aliases)
+                pos += 1
+        finally:                            # also when closed early (a stop sequence, a cancelled request)
+            self.decode_seconds = time.perf_counter() - t0 if self.count else 0.0
 
 
 class Generation:
     """An answer being generated: iterate for text pieces; `result` is set once the
     iterator is exhausted (None before)."""
 
-    def __init__(self, pipe: Pipeline, prepared: Prepared, tokens: TokenStream, t_start: float) -> None:
+    def __init__(self, pipe: Pipeline, prepared: Prepared, tokens: TokenStream, t_start: float,
+                 stop: tuple[str, ...] = ()) -> None:
         self.pipe, self.prepared, self.tokens, self.t_start = pipe, prepared, tokens, t_start
+        self.stop = stop
         self.result: Result | None = None
         self._pieces = self._run()
 
@@ -432,28 +494,27 @@ class Generation:
         self.tokens.close()
 
     def _run(self) -> Iterator[str]:
-        text = TextStream(self.pipe.tokenizer)
+        text, stops = TextStream(self.pipe.tokenizer), StopText(self.stop)
         ids: list[int] = []
+        said: list[str] = []
         for token in self.tokens:
             ids.append(token)
-            piece = text.push(token)
+            piece = stops.push(text.push(token))
             if piece:
+                said.append(piece)
                 yield piece
-        rest = text.flush()
+            if stops.stopped:
+                self.tokens.close()
+                break
+        rest = stops.push(text.flush()) + stops.flush()
         if rest:
+            said.append(rest)
             yield rest
-        p, tk = self.prepared, self.tokens
-        tm = replace(p.timings, load=self.pipe.load_seconds, prompt_eval=tk.prefill_seconds,
-                     prompt_eval_count=p.embeds.shape[1], eval=tk.decode_seconds, eval_count=len(ids),
-                     time_to_first_token=tk.first_token_at - self.t_start)
-        tm.total = time.perf_counter() - self.t_start
-        tm.backend = sum(b.total_inference_time for b in self.pipe.backends.values())
-        probs = p.router_probs
-        self.result = Result(text=self.pipe.tokenizer.decode(ids).strip(), token_ids=ids, granularity=p.granularity,
-                             router_logits=None if p.router_logits is None else [float(x) for x in p.router_logits],
-                             router_probs=None if probs is None else [float(x) for x in probs],
-                             visual_tokens=p.visual_tokens, visual_tokens_full=p.visual_tokens_full,
-                             finish_reason=tk.finish_reason or "length", timings=tm)
+        tk = self.tokens
+        finish = "stop" if stops.stopped else (tk.finish_reason or "length")
+        self.result = self.pipe.result(self.prepared, ids, finish, self.t_start, tk.prefill_seconds,
+                                       tk.first_token_at, tk.decode_seconds,
+                                       text="".join(said) if stops.stopped else None)
 
 
 def _check_max_new_tokens(n: Any) -> int:

@@ -1,4 +1,4 @@
-"""Text helpers: incremental detokenisation for streaming, and exact-match answers."""
+"""Text helpers: incremental detokenisation for streaming, stop sequences, and exact-match answers."""
 
 from __future__ import annotations
 
@@ -31,6 +31,34 @@ class TextStream:
         piece = text[len(self.emitted):] if text.startswith(self.emitted) else ""
         self.emitted = text
         return piece
+
+
+class StopText:
+    """Text pieces cut at the first stop sequence (OpenAI's `stop`): a tail that could
+    still become a stop sequence is held back until the next piece tells."""
+
+    def __init__(self, stops: tuple[str, ...] | list[str] = ()) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        """The part of `piece` (after what was held) that is certainly answer text; once a
+        stop sequence appears, `stopped` is True and nothing after it is returned."""
+        if self.stopped:
+            return ""
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self.held = True, ""
+            return text[:min(hits)]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        rest, self.held = self.held, ""
+        return "" if self.stopped else rest
 
 
 def normalize_answer(text: str) -> str:
