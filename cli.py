@@ -247,7 +247,7 @@ run_app = typer.Typer(name="avg-run", add_completion=False, pretty_exceptions_en
 @_exits
 def run_cmd(
     image: str = typer.Argument(..., help="Image file (PNG, JPEG, WebP, GIF, BMP, TIFF), or - for standard input."),
-    question: str = typer.Argument(..., help="The question."),
+    question: Optional[str] = typer.Argument(None, help="The question; without one, questions are read from standard input, one per line, as a conversation about the image (like ollama run; /bye or end of input stops)."),
     model: Path = typer.Option(DEFAULT_BUILD_DIR, "-m", "--model", help="Build folder made by avg-export build."),
     granularity: str = typer.Option("auto", "--granularity", "-g",
                                     help="auto (the router chooses) or one of the build's granularities, in visual "
@@ -266,15 +266,16 @@ def run_cmd(
     verify: bool = typer.Option(False, "--verify", help="Check every build file's sha256 first."),
 ) -> None:
     """Stream the answer to stdout; exit 0 ok, 1 runtime error, 2 usage error."""
-    import json
-
     from avg_edge.runtime.backends import check_backend
     from avg_edge.runtime.pipeline import Pipeline
     from avg_edge.runtime.sampling import SamplingParams
 
     if image != "-" and not Path(image).exists():
         raise UsageError(f"image file not found: {image}")
-    if not question.strip():
+    if question is None and image == "-":
+        raise UsageError("avg-run - without a question: standard input cannot carry both the image and the questions; "
+                         "pass an image file, or the question as an argument")
+    if question is not None and not question.strip():
         raise UsageError("question: expected some text, got an empty question")
     check_backend(backend, "--backend")
     SamplingParams(temp, top_k, top_p, seed)
@@ -286,20 +287,65 @@ def run_cmd(
         hint = "make it with: make demo (or avg-export build)" if model == DEFAULT_BUILD_DIR else "pass -m BUILD_DIR"
         raise UsageError(f"build folder not found: {model} ({hint})")
     source = sys.stdin.buffer.read() if image == "-" else image
+    settings = dict(max_new_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
+                    max_visual_tokens=max_visual_tokens)
     with Pipeline.load(model, backend=backend, verify=verify) as pipe:
         gran = _granularity_option(granularity, pipe.granularities)
-        on_text = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-        result = pipe.generate(source, question, granularity=gran, max_new_tokens=max_tokens, temperature=temp,
-                               top_k=top_k, top_p=top_p, seed=seed, on_text=on_text,
-                               max_visual_tokens=max_visual_tokens)
-        if as_json:
-            d = {"answer": result.text, **result.to_dict(), "backend": pipe.describe_backend()}
-            del d["text"]
-            sys.stdout.write(json.dumps(d) + "\n")
-        else:
-            sys.stdout.write("\n")
-        if verbose:
-            err.print(timing_summary(result, pipe.granularities, pipe.describe_backend()), markup=False)
+        if question is None:
+            _chat(pipe, source, gran, settings, verbose, as_json)
+            return
+        on_text = None if as_json else _say
+        result = pipe.generate(source, question, granularity=gran, on_text=on_text, **settings)
+        _answer(pipe, result, verbose, as_json)
+
+
+def _say(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _answer(pipe, result, verbose: bool, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        d = {"answer": result.text, **result.to_dict(), "backend": pipe.describe_backend()}
+        del d["text"]
+        sys.stdout.write(json.dumps(d) + "\n")
+    else:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose:
+        err.print(timing_summary(result, pipe.granularities, pipe.describe_backend()), markup=False)
+
+
+def _chat(pipe, source, gran, settings: dict, verbose: bool, as_json: bool) -> None:
+    """avg-run IMAGE without a question: a conversation about the image, one question per
+    line of standard input.  The image goes through the vision graph once; each answer
+    joins the history the next question is asked after.  A question that fails (say, the
+    conversation outgrew the context) prints its error and the conversation goes on."""
+    from avg_edge.errors import AvgEdgeError
+
+    image = pipe.encode_image(source)
+    history: list[str] = []
+    prompt = sys.stdin.isatty()
+    while True:
+        if prompt:
+            err.print(">>> ", end="", markup=False)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/bye", "/exit"):
+            break
+        question = line.strip()
+        if not question:
+            continue
+        try:
+            result = pipe.generate(image, question, granularity=gran, on_text=None if as_json else _say,
+                                   history=history, **settings)
+        except AvgEdgeError as e:
+            err.print(f"error: {one_line(e)}", markup=False)
+            continue
+        _answer(pipe, result, verbose, as_json)
+        if result.text:
+            history += [question, result.text]
 
 
 def _granularity_option(value: str, granularities: list[int]) -> int | None:
@@ -347,9 +393,12 @@ def serve_cmd(
     port: int = typer.Option(8080, "--port"),
     backend: str = typer.Option("auto", "--backend", help="auto, ort or trt."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'."),
-    max_queue: int = typer.Option(4, "--max-queue", help="Requests in flight before answering 503."),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests in flight (decoding or waiting) before answering 503 [default: 4, or 2 x --parallel if larger]."),
     max_request_mb: float = typer.Option(20.0, "--max-request-mb", help="Largest request body."),
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs."),
+    parallel: int = typer.Option(1, "--parallel", "-np", help="Decode slots: requests decoded together in one batched decoder call (needs a build whose decoder batches, the in-place cache)."),
+    image_cache: int = typer.Option(4, "--image-cache", help="Images whose vision features are kept for follow-up questions (0: none)."),
+    fetch_timeout: float = typer.Option(10.0, "--fetch-timeout", help="Seconds allowed for fetching a remote image (--allow-remote-images)."),
 ) -> None:
     """Serve POST /v1/chat/completions, GET /v1/models and GET /health."""
     require("uvicorn", "serve", "avg-serve")
@@ -361,13 +410,21 @@ def serve_cmd(
 
     if not model.is_dir():
         raise UsageError(f"build folder not found: {model} (make one with avg-export build)")
-    if max_queue < 1:
-        raise UsageError(f"--max-queue: expected at least 1, got {max_queue}")
+    if parallel < 1:
+        raise UsageError(f"--parallel: expected at least 1 decode slot, got {parallel}")
+    if image_cache < 0:
+        raise UsageError(f"--image-cache: expected 0 or more images, got {image_cache}")
+    if not 0 < fetch_timeout <= 600:
+        raise UsageError(f"--fetch-timeout: expected seconds in (0, 600], got {fetch_timeout}")
+    max_queue = max(4, 2 * parallel) if max_queue is None else max_queue
+    if max_queue < parallel:
+        raise UsageError(f"--max-queue: expected at least --parallel ({parallel}) requests, got {max_queue}")
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: listening on {host}, not loopback" + ("" if api_key else " and without --api-key"), markup=False)
     pipe = Pipeline.load(model, backend=backend)
     opts = ServerOptions(model_id=model.resolve().name, api_key=api_key, max_queue=max_queue,
-                         max_request_bytes=int(max_request_mb * 1024**2), allow_remote_images=allow_remote_images)
+                         max_request_bytes=int(max_request_mb * 1024**2), allow_remote_images=allow_remote_images,
+                         parallel=parallel, image_cache=image_cache, fetch_timeout=fetch_timeout)
     err.print(f"avg-serve: {opts.model_id} on http://{host}:{port} ({pipe.describe_backend()})", markup=False)
     uvicorn.run(create_app(pipe, opts), host=host, port=port, log_level="warning")
 
