@@ -425,7 +425,11 @@ def serve_cmd(
     opts = ServerOptions(model_id=model.resolve().name, api_key=api_key, max_queue=max_queue,
                          max_request_bytes=int(max_request_mb * 1024**2), allow_remote_images=allow_remote_images,
                          parallel=parallel, image_cache=image_cache, fetch_timeout=fetch_timeout)
-    err.print(f"avg-serve: {opts.model_id} on http://{host}:{port} ({pipe.describe_backend()})", markup=False)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="avg-serve: %(message)s")   # a disconnect is one line
+    err.print(f"avg-serve: {opts.model_id} on http://{host}:{port} ({pipe.describe_backend()}, "
+              f"{parallel} decode slot{'s' if parallel > 1 else ''})", markup=False)
     uvicorn.run(create_app(pipe, opts), host=host, port=port, log_level="warning")
 
 

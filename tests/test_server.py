@@ -386,6 +386,7 @@ def test_client_disconnect_mid_stream_cancels_and_frees_the_slot(server):
         next(r.iter_lines())                     # read one event, then hang up
     h = server.settled()
     assert h["in_flight"] == 0 and h["active"] == 0 and h["cancelled"] == before + 1
+    assert "client went away after" in server.log()
 
 
 def test_a_client_that_times_out_cancels_its_request(server):
