@@ -75,6 +75,7 @@ bench: $(VENV)/.linked $(TRITON_DIR)/.unpacked
 	$(PY) benchmarks/bench_routing.py
 	$(PY) benchmarks/bench_roofline.py
 	$(PY) benchmarks/bench_triton.py
+	$(PY) benchmarks/bench_server.py
 
 capi: $(VENV)/.linked
 	$(PY) -m avg_edge.runtime.capi.compile --out build/capi

@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads and torch threads (0 = default)")
     args = ap.parse_args()
 
-    from avg_edge.cli import DEMO_CHECKPOINT
+    from avg_edge.model.demo import CHECKPOINT as DEMO_CHECKPOINT
     from avg_edge.export.exporter import BuildOptions, build
     from avg_edge.model import load_model
     from avg_edge.model.tiny import make_tiny_checkpoint

@@ -1,0 +1,144 @@
+"""avg-serve under concurrent clients: requests/s and tokens/s with 1, 2 and 4 clients at
+--parallel 1 (one request decoded at a time) and --parallel 4 (the decode steps of up to
+four requests in one batched decoder call), in one run.
+
+    python benchmarks/bench_server.py                 # the tiny model (32-token answers) and the demo
+    python benchmarks/bench_server.py --models tiny --requests 8
+
+Each configuration is a real `avg-serve` on loopback with the vision cache off
+(--image-cache 0: every request runs vision), fed by N client threads that each send
+--requests non-streaming greedy requests with different images.  The tiny random model
+never says </s>, so each answer is exactly --max-tokens tokens; the demo answers in a few
+tokens, so there vision, router and prefill dominate.  Builds are made in a temporary
+folder (the decoder's batch axis needs a build of this version).  Prints a markdown table
+and, per client count, tokens/s at --parallel 4 over --parallel 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _image_urls(n: int) -> list[str]:
+    from avg_edge.model.tiny import textured_image
+
+    urls = []
+    for seed in range(n):
+        buf = io.BytesIO()
+        textured_image(320 + 16 * (seed % 4), 240, seed=seed).save(buf, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return urls
+
+
+def _serve(build: Path, parallel: int) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-c", "from avg_edge.cli import serve_main; serve_main()", "-m", str(build), "--port",
+           str(port), "--parallel", str(parallel), "--image-cache", "0", "--max-queue", "16"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"avg-serve did not start for {build}")
+
+
+def _load(base: str, clients: int, requests: int, urls: list[str], question: str, max_tokens: int):
+    def client(c: int) -> tuple[int, int]:
+        done = tokens = 0
+        with httpx.Client(timeout=600) as http:
+            for k in range(requests):
+                url = urls[(c * requests + k) % len(urls)]
+                body = {"max_tokens": max_tokens, "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]}]}
+                r = http.post(base + "/v1/chat/completions", json=body)
+                r.raise_for_status()
+                tokens += r.json()["usage"]["completion_tokens"]
+                done += 1
+        return done, tokens
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        results = list(pool.map(client, range(clients)))
+    seconds = time.perf_counter() - t0
+    done, tokens = sum(r[0] for r in results), sum(r[1] for r in results)
+    return done / seconds, tokens / seconds, tokens / max(done, 1)
+
+
+def _builds(work: Path, models: list[str]) -> dict[str, Path]:
+    from avg_edge.model.demo import CHECKPOINT as DEMO_CHECKPOINT
+    from avg_edge.export.exporter import BuildOptions, build
+    from avg_edge.model.tiny import make_tiny_checkpoint
+
+    out = {}
+    for name in models:
+        ckpt = make_tiny_checkpoint(work / "tiny-ckpt", router=True) if name == "tiny" else DEMO_CHECKPOINT
+        folder = work / f"{name}-fp32"
+        print(f"building {name} into {folder} ...", file=sys.stderr, flush=True)
+        build(BuildOptions(model=ckpt, output=folder, validate=False, backend="ort"), progress=lambda s: None)
+        out[name] = folder
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["tiny", "demo"], choices=["tiny", "demo"])
+    ap.add_argument("--requests", type=int, default=6, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--parallel", type=int, nargs="+", default=[1, 4])
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="avg-bench-server-"))
+    builds = _builds(work, args.models)
+    urls = _image_urls(8)
+    questions = {"tiny": "What colour is the background?", "demo": "What colour is the background?"}
+    rows, tok_s = [], {}
+    for name, folder in builds.items():
+        for parallel in args.parallel:
+            proc, base = _serve(folder, parallel)
+            try:
+                _load(base, 1, 1, urls, questions[name], args.max_tokens)          # warm-up
+                for clients in args.clients:
+                    rps, tps, per = _load(base, clients, args.requests, urls, questions[name], args.max_tokens)
+                    tok_s[(name, parallel, clients)] = tps
+                    rows.append(f"| {name} | {parallel} | {clients} | {rps:.2f} | {tps:.1f} | {per:.1f} |")
+                    print(rows[-1], file=sys.stderr, flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    print("| model | --parallel | clients | requests/s | tokens/s | tokens/answer |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    lo, hi = min(args.parallel), max(args.parallel)
+    if lo != hi:
+        print()
+        for name in builds:
+            ratios = ", ".join(f"{c} client{'s' if c > 1 else ''} {tok_s[(name, hi, c)] / tok_s[(name, lo, c)]:.2f}x"
+                               for c in args.clients)
+            print(f"{name}: tokens/s at --parallel {hi} over --parallel {lo}: {ratios}")
+
+
+if __name__ == "__main__":
+    main()
