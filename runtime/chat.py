@@ -23,6 +23,11 @@ def check_question(question: object, what: str = "question") -> str:
         raise InputError(f"{what}: expected a string, got {type(question).__name__}")
     if not question.strip():
         raise InputError(f"{what}: expected some text, got an empty {what}")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as e:         # a lone surrogate, or undecodable bytes from argv
+        raise InputError(f"{what}: expected valid UTF-8 text, got an undecodable character at position {e.start} "
+                         f"({question[max(e.start - 10, 0):e.start]!r} is what precedes it)") from None
     return question
 
 

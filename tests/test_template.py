@@ -39,3 +39,9 @@ def test_template_round_trips_through_the_manifest_form():
 def test_bad_conversations(turns):
     with pytest.raises(InputError):
         DEFAULT_TEMPLATE.render(turns)
+
+
+@pytest.mark.parametrize("text", ["bad \udcff byte", "\ud800 lone surrogate"])
+def test_undecodable_text_is_a_usage_error(text):
+    with pytest.raises(InputError, match="expected valid UTF-8 text"):
+        DEFAULT_TEMPLATE.render([text])
