@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from avg_edge import constants as C
-from avg_edge.errors import BuildFolderError, UsageError
+from avg_edge.errors import AvgEdgeError, BuildFolderError, UsageError
 from avg_edge.specs import DecoderRoles, GraphSpec
 
 REBUILD = "rebuild with avg-export build"
@@ -168,14 +168,15 @@ def _type_word(kind: type | tuple[type, ...]) -> str:
             type(None): "null"}.get(kind, str(kind))
 
 
-def inside(folder: Path, name: str, what: str) -> Path:
-    """folder / name, refusing names that leave the folder (absolute, '..', links)."""
+def inside(folder: Path, name: Any, what: str, error: type[AvgEdgeError] = BuildFolderError,
+           hint: str = REBUILD) -> Path:
+    """folder / name, refusing names that leave the folder (absolute, '..', links) with
+    `error` (a build folder's or a checkpoint's) naming `what` and the name."""
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise BuildFolderError(f"{folder}: {what}: expected a file name inside the folder, got {name!r}; {REBUILD}")
+        raise error(f"{folder}: {what}: expected a file name inside the folder, got {name!r}; {hint}")
     path = folder / name
     if not path.resolve().is_relative_to(folder.resolve()):
-        raise BuildFolderError(f"{folder}: {what}: expected a file inside the folder, got {name!r}, which leads "
-                               f"outside it; {REBUILD}")
+        raise error(f"{folder}: {what}: expected a file inside the folder, got {name!r}, which leads outside it; {hint}")
     return path
 
 
