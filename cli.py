@@ -8,6 +8,7 @@ from avg_edge.errors.CATEGORIES (0 ok, 1 the job failed, 2 usage error, 130 inte
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 from functools import wraps
@@ -56,6 +57,36 @@ def require(module: str, extra: str, what: str) -> None:
         raise MissingExtra(what, extra, module)
 
 
+def check_range(option: str, value: float | None, low: float, high: float | None = None, *,
+                above: bool = False, kind: str = "an integer") -> None:
+    """A usage error unless `value` (None: not given) is finite and >= low (> low with
+    `above`) and <= high."""
+    if value is None:
+        return
+    if not math.isfinite(value) or (value <= low if above else value < low) or (high is not None and value > high):
+        bounds = f"> {low:g}" if above else f">= {low:g}" if high is None else f"{low:g}..{high:g}"
+        raise UsageError(f"{option}: expected {kind} {bounds}, got {value}")
+
+
+def check_listen(host: str, port: int) -> None:
+    """A usage error now, rather than uvicorn's log line and exit 3 later, when the
+    address cannot be bound (in use, not this machine's, not an address)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UsageError(f"--host: expected an address of this machine (e.g. 127.0.0.1), got {host!r} ({e})") from e
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)        # as uvicorn binds
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UsageError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}); "
+                             "choose another --port or stop what listens there") from e
+
+
 def demo_checkpoint() -> Path:
     from avg_edge.model.demo import CHECKPOINT
 
@@ -93,6 +124,11 @@ def build_cmd(
 ) -> None:
     """Export the vision+scaler, router and decoder graphs, validate them, build engines."""
     from avg_edge.precision import precision as precision_info
+
+    check_range("--calib-samples", calib_samples, 1)
+    check_range("--eval-samples", eval_samples, 1)
+    check_range("--max-accuracy-drop", max_accuracy_drop, 0, kind="a number of points")
+    check_range("--int4-block-size", int4_block, 1)
 
     p = precision_info(precision)
     require("torch", "export", "avg-export build")
@@ -134,12 +170,17 @@ def realign_cmd(
     eval_samples: int = typer.Option(120, "--eval-samples"),
     epochs: int = typer.Option(4, "--epochs"),
     lr: float = typer.Option(3e-4, "--lr"),
-    token_cost: float = typer.Option(0.0, "--token-cost", min=0.0,
+    token_cost: float = typer.Option(0.0, "--token-cost",
                                      help="Cost-aware RGLF: rank granularities by answer NLL + COST x g / 576 "
                                           "(nats per answer token for the finest granularity's visual tokens); "
                                           "0 is the paper's RGLF. Recorded in the manifest."),
 ) -> None:
     """Retrain only the router against the build's own decoder (RGLF) and re-export router.onnx."""
+    check_range("--calib-samples", calib_samples, 1)
+    check_range("--eval-samples", eval_samples, 1)
+    check_range("--epochs", epochs, 1)
+    check_range("--lr", lr, 0, above=True, kind="a number")
+    check_range("--token-cost", token_cost, 0, kind="a number")
     require("torch", "export", "avg-export realign")
     from avg_edge.calibration.realign import RealignOptions, realign
 
@@ -164,8 +205,7 @@ def engines_cmd(
 
     if not build_dir.is_dir():
         raise UsageError(f"build folder not found: {build_dir}")
-    if workspace_gb <= 0:
-        raise UsageError(f"--workspace-gb: expected a positive number, got {workspace_gb}")
+    check_range("--workspace-gb", workspace_gb, 0, above=True, kind="a number")
     m = build_engines_for_folder(build_dir, force=force, timing_cache=timing_cache,
                                  workspace_bytes=int(workspace_gb * 1024**3),
                                  progress=lambda line: err.print(line, markup=False))
@@ -181,16 +221,19 @@ def triton_cmd(
                                 help="How vision and router run: python (ONNX Runtime inside Triton's Python backend; "
                                      "any machine), onnxruntime (Triton's ONNX Runtime backend, the .onnx files) or "
                                      "tensorrt (the build's engines; build them on the target GPU first)."),
-    instances: int = typer.Option(1, "--instances", min=1, help="Instances of the vision and router models."),
-    orchestrators: int = typer.Option(1, "--orchestrators", min=1,
+    instances: int = typer.Option(1, "--instances", help="Instances of the vision and router models."),
+    orchestrators: int = typer.Option(1, "--orchestrators",
                                       help="Instances of the avg_edge model: requests answered at the same time."),
-    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime threads per Python-backend instance (0: default)."),
+    threads: int = typer.Option(0, "--threads", help="ONNX Runtime threads per Python-backend instance (0: default)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Write a Triton Inference Server model repository for a build (vision, router, and a
     streaming avg_edge orchestrator)."""
     from avg_edge.export.triton import TritonOptions, write_repository
 
+    check_range("--instances", instances, 1)
+    check_range("--orchestrators", orchestrators, 1)
+    check_range("--threads", threads, 0)
     if not build_dir.is_dir():
         raise UsageError(f"build folder not found: {build_dir}")
     models = write_repository(build_dir, out, TritonOptions(backend, instances, orchestrators, threads, force))
@@ -408,17 +451,20 @@ def serve_cmd(
     from avg_edge.runtime.pipeline import Pipeline
     from avg_edge.runtime.server import ServerOptions, create_app
 
+    check_range("--port", port, 1, 65535)
+    check_range("--max-queue", max_queue, 1)
+    check_range("--max-request-mb", max_request_mb, 0, above=True, kind="a number of megabytes")
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key: expected a key, got an empty string (leave --api-key out for no key)")
     if not model.is_dir():
         raise UsageError(f"build folder not found: {model} (make one with avg-export build)")
-    if parallel < 1:
-        raise UsageError(f"--parallel: expected at least 1 decode slot, got {parallel}")
-    if image_cache < 0:
-        raise UsageError(f"--image-cache: expected 0 or more images, got {image_cache}")
-    if not 0 < fetch_timeout <= 600:
-        raise UsageError(f"--fetch-timeout: expected seconds in (0, 600], got {fetch_timeout}")
+    check_range("--parallel", parallel, 1)
+    check_range("--image-cache", image_cache, 0)
+    check_range("--fetch-timeout", fetch_timeout, 0, 600, above=True, kind="seconds")
     max_queue = max(4, 2 * parallel) if max_queue is None else max_queue
     if max_queue < parallel:
         raise UsageError(f"--max-queue: expected at least --parallel ({parallel}) requests, got {max_queue}")
+    check_listen(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: listening on {host}, not loopback" + ("" if api_key else " and without --api-key"), markup=False)
     pipe = Pipeline.load(model, backend=backend)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from avg_edge import constants as C
-from avg_edge.errors import BuildFolderError, UsageError
+from avg_edge.errors import AvgEdgeError, BuildFolderError, UsageError
 from avg_edge.specs import DecoderRoles, GraphSpec
 
 REBUILD = "rebuild with avg-export build"
@@ -34,6 +35,38 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "format_version": int, "precision": str, "opset": int, "granularities": list, "pinpoints": list,
     "crop_size": int, "image_mean": list, "image_std": list, "chat_template": dict, "bos_token_id": int,
     "eos_token_id": int, "context_length": int, "hidden_size": int, "has_router": bool, "kv_cache": str, "graphs": dict,
+}
+# Optional keys and their JSON types (absent: the field's default).
+_OPTIONAL: dict[str, type | tuple[type, ...]] = {
+    "files": dict, "validation": dict, "tools": dict, "source": dict, "tensorrt": (dict, type(None)), "engines": dict,
+    "quantization": (dict, type(None)), "drift": (dict, type(None)), "realign": (dict, type(None)), "phases": list,
+    "router": (dict, type(None)),
+}
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Values the runtime computes with: key -> (test, what it should be).
+_VALUES: dict[str, tuple[Any, str]] = {
+    "opset": (_positive_int, "a positive integer"),
+    "crop_size": (_positive_int, "a positive integer"),
+    "context_length": (_positive_int, "a positive integer"),
+    "hidden_size": (_positive_int, "a positive integer"),
+    "bos_token_id": (lambda v: v >= 0, "a token id >= 0"),
+    "eos_token_id": (lambda v: v >= 0, "a token id >= 0"),
+    "granularities": (lambda v: bool(v) and all(map(_positive_int, v)) and v == sorted(set(v)),
+                      "positive integers in ascending order"),
+    "pinpoints": (lambda v: bool(v) and all(isinstance(p, list) and len(p) == 2 and all(map(_positive_int, p))
+                                            for p in v), "a list of [width, height] pairs"),
+    "image_mean": (lambda v: len(v) == 3 and all(map(_finite, v)), "3 numbers"),
+    "image_std": (lambda v: len(v) == 3 and all(_finite(x) and x > 0 for x in v), "3 positive numbers"),
+    "files": (lambda v: all(isinstance(i, dict) for i in v.values()), "an object of {sha256, bytes} per file"),
 }
 
 
@@ -88,6 +121,12 @@ class Manifest:
                 raise BuildFolderError(f"{where}: missing key '{key}'; {REBUILD}")
             if not isinstance(d[key], kind) or (kind is int and isinstance(d[key], bool)):
                 raise BuildFolderError(f"{where}: '{key}' should be {_type_word(kind)}, got {d[key]!r:.60}; {REBUILD}")
+        for key, kind in _OPTIONAL.items():
+            if key in d and not isinstance(d[key], kind):
+                raise BuildFolderError(f"{where}: '{key}' should be {_type_word(kind)}, got {d[key]!r:.60}; {REBUILD}")
+        for key, (ok, what) in _VALUES.items():
+            if key in d and not ok(d[key]):
+                raise BuildFolderError(f"{where}: '{key}' should be {what}, got {d[key]!r:.60}; {REBUILD}")
         names = set(cls.__dataclass_fields__)
         m = cls(**{k: v for k, v in d.items() if k in names})
         for name, g in m.graphs.items():
@@ -113,22 +152,31 @@ class Manifest:
             for p in sorted(folder.iterdir()) if p.is_file() and p.name != C.MANIFEST_FILE
         }
 
-    def named_files(self) -> list[str]:
-        """Every file the manifest names: listed files, graph files and engines."""
-        return [*self.files, *(g.get("file", "") for g in self.graphs.values()), *self.engines.values()]
+    def named_files(self) -> list[tuple[str, Any]]:
+        """Every file the manifest names, with the key that names it: listed files, graph
+        files, engines, the router's table."""
+        return [*(("files entry", n) for n in self.files),
+                *((f"graphs.{g}.file", spec.get("file", "")) for g, spec in self.graphs.items()),
+                *((f"engines.{g}", n) for g, n in self.engines.items()),
+                *([("router.text_file", self.router["text_file"])] if self.router and "text_file" in self.router else [])]
 
 
 def _type_word(kind: type | tuple[type, ...]) -> str:
-    return {int: "an integer", str: "a string", list: "a list", dict: "an object", bool: "true or false"}.get(kind, str(kind))
+    if isinstance(kind, tuple):
+        return " or ".join(_type_word(k) for k in kind)
+    return {int: "an integer", str: "a string", list: "a list", dict: "an object", bool: "true or false",
+            type(None): "null"}.get(kind, str(kind))
 
 
-def inside(folder: Path, name: str, what: str) -> Path:
-    """folder / name, refusing names that leave the folder (absolute, '..', links)."""
+def inside(folder: Path, name: Any, what: str, error: type[AvgEdgeError] = BuildFolderError,
+           hint: str = REBUILD) -> Path:
+    """folder / name, refusing names that leave the folder (absolute, '..', links) with
+    `error` (a build folder's or a checkpoint's) naming `what` and the name."""
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise BuildFolderError(f"{folder}: {what} {name!r} is not a file name inside the folder; {REBUILD}")
+        raise error(f"{folder}: {what}: expected a file name inside the folder, got {name!r}; {hint}")
     path = folder / name
     if not path.resolve().is_relative_to(folder.resolve()):
-        raise BuildFolderError(f"{folder}: {what} {name!r} leads outside the folder; {REBUILD}")
+        raise error(f"{folder}: {what}: expected a file inside the folder, got {name!r}, which leads outside it; {hint}")
     return path
 
 
@@ -142,16 +190,18 @@ def load_manifest(folder: str | Path, verify: bool = False) -> Manifest:
     try:
         d = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BuildFolderError(f"{path}: not valid UTF-8 JSON ({e})") from e
-    version = d.get("format_version") if isinstance(d, dict) else None
+        raise BuildFolderError(f"{path}: not valid UTF-8 JSON ({e}); {REBUILD}") from e
+    if not isinstance(d, dict):
+        raise BuildFolderError(f"{path}: expected a JSON object, got {type(d).__name__}; {REBUILD}")
+    version = d.get("format_version")
     if version != C.MANIFEST_FORMAT:
         raise BuildFolderError(
             f"{folder}: build format version {version}, this avg-edge reads version {C.MANIFEST_FORMAT}; "
             f"{REBUILD} of this version"
         )
     m = Manifest.from_dict(d, where=str(path))
-    for name in m.named_files():
-        inside(folder, name, "file")
+    for key, name in m.named_files():
+        inside(folder, name, f"{C.MANIFEST_FILE} {key}")
     missing = [n for n in m.files if not (folder / n).is_file()]
     if missing:
         raise BuildFolderError(f"{folder}: missing file(s) {missing} listed in the manifest; {REBUILD}")

@@ -14,8 +14,12 @@
  *
  * Threads
  *   - Every function may be called from any thread.  Calls on one context are
- *     serialised (a second avg_edge_run on the same context waits for the first);
- *     separate contexts may run from separate threads.
+ *     serialised (a second avg_edge_run on the same context waits for the first;
+ *     avg_edge_close waits for a run in progress, then closes); separate contexts may
+ *     run from separate threads.
+ *   - The token callback must not call avg_edge_run or avg_edge_close on the context it
+ *     is answering for: such a call returns AVG_EDGE_ERR_BUSY at once (the context stays
+ *     open and the answer goes on).  Return non-zero from the callback to stop instead.
  *   - The last error is per thread.
  *
  * Return codes: AVG_EDGE_OK (0) or one of the AVG_EDGE_ERR_* below; the message is in
@@ -47,7 +51,7 @@ extern "C" {
 #define AVG_EDGE_ERR_CANCELLED 5  /* cancelled: the token callback returned non-zero */
 #define AVG_EDGE_ERR_INTERNAL 6   /* internal: a bug, please report the message */
 #define AVG_EDGE_ERR_LIMIT 7      /* limit: beyond the build (prompt longer than the context, too many crops) */
-#define AVG_EDGE_ERR_BUSY 8       /* busy: no room now */
+#define AVG_EDGE_ERR_BUSY 8       /* busy: a call on this context from its own token callback */
 
 typedef struct avg_edge_ctx avg_edge_ctx;
 
@@ -74,7 +78,8 @@ void avg_edge_free_string(char *s);
 const char *avg_edge_last_error(void);
 const char *avg_edge_version(void);
 
-/* Release the context; NULL is accepted and ignored. */
+/* Release the context; NULL is accepted and ignored.  AVG_EDGE_ERR_BUSY from inside its
+ * own token callback (the context stays open), AVG_EDGE_ERR_ARGUMENT if already closed. */
 int avg_edge_close(avg_edge_ctx *ctx);
 /* END CDEF */
 

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from avg_edge import constants as C
 from avg_edge.errors import CheckpointError
+from avg_edge.manifest import inside
 from avg_edge.model.config import AvgLlavaConfig
 from avg_edge.model.llava import AvgLlavaModel
 from avg_edge.runtime.tokenizer import load_tokenizer
@@ -76,11 +77,22 @@ def _shard_map(folder: Path) -> dict[str, Path]:
     index = folder / C.SAFETENSORS_INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: expected JSON with a 'weight_map', got an unreadable file ({e})") from e
-        shards = {s: folder / s for s in sorted(set(weight_map.values()))}
-        missing = [s for s, p in shards.items() if not p.is_file()]
+            d = json.loads(index.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index}: expected UTF-8 JSON with a 'weight_map', got an unreadable file ({e})") from e
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map', got {type(d).__name__}; "
+                                  "copy the whole checkpoint folder")
+        weight_map = d.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' should be an object of tensor name -> shard file, got "
+                                  f"{weight_map!r:.60}; copy the whole checkpoint folder")
+        shards = {}
+        for name, shard in weight_map.items():
+            if shard not in shards:
+                shards[shard] = inside(folder, shard, f"{C.SAFETENSORS_INDEX_FILE} weight_map[{name!r}]",
+                                       CheckpointError, "copy the whole checkpoint folder")
+        missing = sorted(s for s, p in shards.items() if not p.is_file())
         if missing:
             raise CheckpointError(
                 f"{folder}: missing shard file(s) {missing} listed in {C.SAFETENSORS_INDEX_FILE} "
@@ -89,8 +101,12 @@ def _shard_map(folder: Path) -> dict[str, Path]:
         return {name: shards[s] for name, s in weight_map.items()}
     single = folder / C.SAFETENSORS_SINGLE_FILE
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return {name: single for name in f.keys()}
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return {name: single for name in f.keys()}
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{single}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                                  "copy the checkpoint again") from e
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
     hint = (f" Found {pickles}: pickle checkpoints are not loaded (unsafe); convert them to safetensors first."
             if pickles else "")

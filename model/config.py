@@ -6,8 +6,9 @@ Three layouts are read:
     needs to be known);
   * Hugging Face LLaVA-NeXT (`model_type: llava_next`): `text_config`/`vision_config`.
 
-`from_dict` ignores unknown keys; a missing required key or a bad value raises
-ConfigError (a ValueError) naming the key.  Torch-free on purpose.
+`from_dict` ignores unknown keys; a missing required key or a value of the wrong type
+or range raises ConfigError (a ValueError) naming the file and the key.  Torch-free on
+purpose.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import ast
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -48,15 +51,56 @@ AVG_LLAVA_7B_CONFIG: dict[str, Any] = {
 }
 
 
-def _require(d: Mapping[str, Any], key: str, where: str) -> Any:
+_REQUIRED = object()
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether a JSON value has the type `kind` (int, float, str, bool, dict, list,
+    None, or a union of them); a float must be finite, an int is not a bool."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_fits(value, k) for k in typing.get_args(kind))
+    kind = typing.get_origin(kind) or kind
+    if kind is type(None) or kind is None:
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind in (str, dict, list):
+        return isinstance(value, kind)
+    return True                         # anything else: __post_init__ decides
+
+
+def _kind_word(kind: Any) -> str:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_kind_word(k) for k in typing.get_args(kind))
+    kind = typing.get_origin(kind) or kind
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
+            list: "a list", type(None): "null"}.get(kind, str(kind))
+
+
+def _get(d: Mapping[str, Any], key: str, kind: Any, default: Any = _REQUIRED, section: str = "") -> Any:
+    """d[key] checked against `kind`; `default` when absent (absent and no default: an error)."""
     if key not in d:
-        raise ConfigError(f"{where}: missing required key '{key}'")
-    return d[key]
+        if default is _REQUIRED:
+            raise ConfigError(f"missing required key '{section}{key}'")
+        return default
+    value = d[key]
+    if not _fits(value, kind):
+        raise ConfigError(f"'{section}{key}' should be {_kind_word(kind)}, got {value!r:.60}")
+    return value
 
 
-def _known(cls, d: Mapping[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
+def _require(d: Mapping[str, Any], key: str, section: str = "") -> Any:
+    return _get(d, key, Any, section=section)
+
+
+def _known(cls, d: Mapping[str, Any], section: str = "") -> dict[str, Any]:
+    """The keys of `d` that are fields of `cls`, each checked against its annotation."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: _get(d, f.name, hints[f.name], section=section) for f in dataclasses.fields(cls) if f.name in d}
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -95,8 +139,8 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "VisionConfig":
-        return cls(**_known(cls, d))
+    def from_dict(cls, d: Mapping[str, Any], section: str = "vision_config.") -> "VisionConfig":
+        return cls(**_known(cls, d, section))
 
 
 @dataclass(frozen=True)
@@ -134,14 +178,17 @@ class TextConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads {self.num_attention_heads} not divisible by num_key_value_heads {self.num_key_value_heads}")
-        if isinstance(self.eos_token_id, list):  # some configs list several; the first is </s>
-            object.__setattr__(self, "eos_token_id", int(self.eos_token_id[0]))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "config.json") -> "TextConfig":
+    def from_dict(cls, d: Mapping[str, Any], section: str = "") -> "TextConfig":
         for k in cls.REQUIRED:
-            _require(d, k, where)
-        return cls(**_known(cls, d))
+            _require(d, k, section)
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):       # some configs list several; the first is </s>
+            if not (eos and _fits(eos[0], int)):
+                raise ConfigError(f"'{section}eos_token_id' should be an integer or a list of them, got {eos!r:.60}")
+            d = {**d, "eos_token_id": eos[0]}
+        return cls(**_known(cls, d, section))
 
     def to_llama_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,7 +231,7 @@ def _parse_pinpoints(value: Any, swap: bool) -> tuple[tuple[int, int], ...]:
             raise ConfigError(f"image_grid_pinpoints: expected a list of (width, height) pairs, got the string {value!r}") from e
     try:
         pairs = tuple((int(a), int(b)) for a, b in value)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"image_grid_pinpoints: expected a list of (width, height) pairs, got {value!r}") from e
     if not pairs:
         raise ConfigError("image_grid_pinpoints: expected at least one (width, height) pair, got an empty list")
@@ -270,47 +317,59 @@ class AvgLlavaConfig:
 
     # -- reading -----------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], folder: Path | None = None) -> "AvgLlavaConfig":
+    def from_dict(cls, d: Mapping[str, Any], folder: Path | None = None, where: str = C.CONFIG_FILE) -> "AvgLlavaConfig":
+        """Every error names `where` (the file) and the key."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        try:
+            return cls._from_dict(d, folder)
+        except ConfigError as e:
+            if getattr(e, "located", False):
+                raise
+            located = ConfigError(f"{where}: {e}")
+            located.located = True
+            raise located from e
+
+    @classmethod
+    def _from_dict(cls, d: Mapping[str, Any], folder: Path | None) -> "AvgLlavaConfig":
         model_type = d.get("model_type")
         if model_type == "llava_next":
             return cls._from_llava_next(d)
         if model_type not in ("llava_llama", "llava", None):
-            raise ConfigError(f"config.json: model_type expected 'llava_llama' or 'llava_next', got {model_type!r}")
+            raise ConfigError(f"model_type: expected 'llava_llama' or 'llava_next', got {model_type!r}")
         text = TextConfig.from_dict(d)
-        tower = str(_require(d, "mm_vision_tower", "config.json"))
+        tower = _get(d, "mm_vision_tower", str)
         vision = _vision_for(d, tower, folder)
-        gran = d.get("vis_token_granularity", list(C.DEFAULT_GRANULARITIES))
-        if isinstance(gran, str):
-            gran = ast.literal_eval(gran)
-        if isinstance(gran, int):
-            gran = [gran]
         kw: dict[str, Any] = dict(
             text=text,
             vision=vision,
             vision_tower=tower,
-            select_layer=int(_require(d, "mm_vision_select_layer", "config.json")),
-            select_feature=d.get("mm_vision_select_feature", "patch"),
-            projector_type=_require(d, "mm_projector_type", "config.json"),
-            image_aspect_ratio=d.get("image_aspect_ratio", "anyres"),
+            select_layer=_get(d, "mm_vision_select_layer", int),
+            select_feature=_get(d, "mm_vision_select_feature", str, "patch"),
+            projector_type=_get(d, "mm_projector_type", str),
+            image_aspect_ratio=_get(d, "image_aspect_ratio", str, "anyres"),
             pinpoints=_parse_pinpoints(d.get("image_grid_pinpoints", C.DEFAULT_PINPOINTS), swap=False),
-            patch_merge_type=d.get("mm_patch_merge_type", "spatial_unpad"),
-            granularities=tuple(int(g) for g in gran),
-            has_router=bool(d.get("router_select", False)),
-            filtered_text_num=int(d.get("filtered_text_num", C.DEFAULT_FILTERED_TEXT_NUM)),
-            router_num_heads=int(d.get("router_num_heads", C.DEFAULT_ROUTER_HEADS)),
-            router_text_candidates=d.get("router_text_candidates", C.ROUTER_TEXT_FROM_PROMPT),
-            router_token_cost=float(d.get("router_token_cost", 0.0)),
+            patch_merge_type=_get(d, "mm_patch_merge_type", str, "spatial_unpad"),
+            granularities=_parse_granularities(d.get("vis_token_granularity", list(C.DEFAULT_GRANULARITIES))),
+            has_router=_get(d, "router_select", bool, False),
+            filtered_text_num=_get(d, "filtered_text_num", int, C.DEFAULT_FILTERED_TEXT_NUM),
+            router_num_heads=_get(d, "router_num_heads", int, C.DEFAULT_ROUTER_HEADS),
+            router_text_candidates=_get(d, "router_text_candidates", str, C.ROUTER_TEXT_FROM_PROMPT),
+            router_token_cost=float(_get(d, "router_token_cost", float, 0.0)),
         )
-        if "mm_hidden_size" in d and int(d["mm_hidden_size"]) != vision.hidden_size:
+        if "mm_hidden_size" in d and _get(d, "mm_hidden_size", int) != vision.hidden_size:
             raise ConfigError(f"mm_hidden_size {d['mm_hidden_size']} does not match the vision tower's hidden_size {vision.hidden_size}")
-        if "image_mean" in d:
-            kw["image_mean"] = tuple(float(x) for x in d["image_mean"])
-            kw["image_std"] = tuple(float(x) for x in d["image_std"])
+        if "image_mean" in d or "image_std" in d:
+            for key in ("image_mean", "image_std"):
+                v = _get(d, key, list)
+                if len(v) != 3 or not all(_fits(x, float) for x in v) or (key == "image_std" and 0 in v):
+                    raise ConfigError(f"'{key}' should be 3 numbers{' (none 0)' if key == 'image_std' else ''}, got {v!r:.60}")
+                kw[key] = tuple(float(x) for x in v)
         return cls(**kw)
 
     @classmethod
     def _from_llava_next(cls, d: Mapping[str, Any]) -> "AvgLlavaConfig":
-        text_d = dict(_require(d, "text_config", "config.json"))
+        text_d = dict(_get(d, "text_config", dict))
         text_d.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", False))
         tmt = text_d.get("model_type", "llama")
         if tmt != "llama":
@@ -326,8 +385,8 @@ class AvgLlavaConfig:
         if not isinstance(layer, int):
             raise ConfigError(f"vision_feature_layer: expected one integer, got {layer!r}")
         return cls(
-            text=TextConfig.from_dict(text_d, where="config.json text_config"),
-            vision=VisionConfig.from_dict(_require(d, "vision_config", "config.json")),
+            text=TextConfig.from_dict(text_d, section="text_config."),
+            vision=VisionConfig.from_dict(_get(d, "vision_config", dict)),
             vision_tower="(in checkpoint)",
             select_layer=layer,
             pinpoints=_parse_pinpoints(d.get("image_grid_pinpoints", [[h, w] for w, h in C.DEFAULT_PINPOINTS]), swap=True),
@@ -341,11 +400,7 @@ class AvgLlavaConfig:
         path = folder / C.CONFIG_FILE
         if not path.is_file():
             raise ConfigError(f"{folder}: no {C.CONFIG_FILE} (expected a checkpoint folder with config.json and *.safetensors)")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(d, folder=folder)
+        return cls.from_dict(_read_json(path), folder=folder, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """This project's own layout: AVG-LLaVA keys plus an explicit vision_config."""
@@ -377,10 +432,35 @@ class AvgLlavaConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid UTF-8 JSON ({e})") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from e
+
+
+def _parse_granularities(value: Any) -> tuple[int, ...]:
+    """vis_token_granularity: a list of token counts, one count, or the list as a string."""
+    parsed = value
+    if isinstance(parsed, str):
+        try:
+            parsed = ast.literal_eval(parsed)
+        except (ValueError, SyntaxError):
+            pass
+    if _fits(parsed, int):
+        parsed = [parsed]
+    if not (isinstance(parsed, (list, tuple)) and all(_fits(g, int) for g in parsed)):
+        raise ConfigError(f"'vis_token_granularity' should be a list of token counts such as [36, 72, 144, 288, 576], "
+                          f"got {value!r:.60}")
+    return tuple(parsed)
+
+
 def _vision_for(d: Mapping[str, Any], tower: str, folder: Path | None) -> VisionConfig:
     """The tower's architecture: explicit `vision_config`, a known name, or a local folder."""
-    if isinstance(d.get("vision_config"), Mapping):
-        return VisionConfig.from_dict(d["vision_config"])
+    if "vision_config" in d:
+        return VisionConfig.from_dict(_get(d, "vision_config", dict))
     if tower in KNOWN_VISION_TOWERS:
         return VisionConfig(**KNOWN_VISION_TOWERS[tower])
     candidates = [Path(tower)]
@@ -389,10 +469,17 @@ def _vision_for(d: Mapping[str, Any], tower: str, folder: Path | None) -> Vision
     for cand in candidates:
         cfg = cand / C.CONFIG_FILE
         if cfg.is_file():
-            vd = json.loads(cfg.read_text())
-            if vd.get("model_type") == "clip" or "vision_config" in vd:
-                vd = vd.get("vision_config", {})
-            return VisionConfig.from_dict(vd)
+            vd = _read_json(cfg)
+            try:
+                if not isinstance(vd, dict):
+                    raise ConfigError(f"expected a JSON object, got {type(vd).__name__}")
+                if vd.get("model_type") == "clip" or "vision_config" in vd:
+                    vd = _get(vd, "vision_config", dict, {})
+                return VisionConfig.from_dict(vd, section="")
+            except ConfigError as e:
+                located = ConfigError(f"{cfg} (the vision tower's, from mm_vision_tower): {e}")
+                located.located = True
+                raise located from e
     raise ConfigError(
         f"mm_vision_tower: unknown vision tower {tower!r}. Known by name: {sorted(KNOWN_VISION_TOWERS)}. "
         "Hint: set mm_vision_tower in config.json to a local folder holding that tower's config.json "

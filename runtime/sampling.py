@@ -2,40 +2,63 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from avg_edge.errors import InputError
+from avg_edge.errors import BackendError, InputError
+
+# Temperatures below this are greedy: the softmax of logits / T is then one-hot for any
+# logits a decoder gives, and dividing by a subnormal T would only overflow.
+GREEDY_BELOW = 1e-5
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0      # 0 = greedy
+    temperature: float = 0.0      # 0 (or below GREEDY_BELOW) = greedy
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.temperature, bool) or not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100):
-            raise InputError(f"temperature: expected 0..100 (0 = greedy), got {self.temperature!r}")
+        if not (_number(self.temperature) and 0 <= self.temperature <= 100):
+            raise InputError(f"temperature: expected a finite number 0..100 (0 = greedy), got {self.temperature!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
             raise InputError(f"top_k: expected a positive integer, got {self.top_k!r}")
-        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
-            raise InputError(f"top_p: expected 0 < top_p <= 1, got {self.top_p!r}")
+        if self.top_p is not None and not (_number(self.top_p) and 0 < self.top_p <= 1):
+            raise InputError(f"top_p: expected a number with 0 < top_p <= 1, got {self.top_p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise InputError(f"seed: expected a non-negative integer, got {self.seed!r}")
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
 
 def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """logits: [vocab] for the last position."""
-    if params.temperature == 0:
-        return int(np.argmax(logits))
-    x = logits.astype(np.float64) / params.temperature
-    if params.top_k is not None and params.top_k < x.size:
-        kth = np.partition(x, -params.top_k)[-params.top_k]
-        x = np.where(x < kth, -np.inf, x)
-    p = np.exp(x - x.max())
+    """logits: [vocab] for the last position.  The softmax is taken in float64 after
+    subtracting the largest logit, so no temperature or logit gives NaN probabilities
+    (+inf logits share all the probability, -inf ones get none)."""
+    x = np.asarray(logits, dtype=np.float64)
+    if np.isnan(x).any():
+        raise BackendError(f"the decoder's logits contain {int(np.isnan(x).sum())} NaN value(s): expected numbers "
+                           "(a damaged build, or fp16 overflow: try the fp32 build)")
+    top = x.max()
+    if params.greedy or top == -np.inf:
+        return int(np.argmax(x))
+    if top == np.inf:
+        x, top = np.where(x == np.inf, 0.0, -np.inf), 0.0
+    with np.errstate(over="ignore", under="ignore"):      # -> -inf and 0: what those logits mean
+        x = (x - top) / params.temperature                # <= 0, the largest is 0
+        if params.top_k is not None and params.top_k < x.size:
+            kth = np.partition(x, -params.top_k)[-params.top_k]
+            x = np.where(x < kth, -np.inf, x)
+        p = np.exp(x)                                     # the largest is 1: the sum is >= 1
     p /= p.sum()
     if params.top_p is not None and params.top_p < 1:
         order = np.argsort(-p, kind="stable")

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from avg_edge.errors import CATEGORIES
 from avg_edge.model.tiny import textured_image
 from avg_edge.runtime.capi.compile import cdef_from_header
 from avg_edge.runtime.pipeline import Pipeline
@@ -49,6 +50,7 @@ def test_bad_calls_return_codes_and_messages(capi, clean_env, tiny_build, tmp_pa
     assert code["run_corrupt_image"] == 3 and "cannot read image bytes" in msg["run_corrupt_image"]
     assert code["run_empty_image"] == 3 and "empty (0 bytes)" in msg["run_empty_image"]
     assert code["run_null_question"] == 1
+    assert code["run_bad_utf8_question"] == 1 and "question: expected UTF-8 text" in msg["run_bad_utf8_question"]
     assert code["run_bad_params"] == 1 and "[36, 72, 144, 288, 576]" in msg["run_bad_params"]
     assert code["run_unknown_param"] == 1 and "unknown keys ['colour']" in msg["run_unknown_param"]
     assert code["run_cancelled"] == 5 and code["callback_calls"] == 1
@@ -62,3 +64,44 @@ def test_header_is_the_cdef_source():
                  "avg_edge_version", "avg_edge_close", "AVG_EDGE_ERR_CANCELLED"):
         assert name in cdef
     assert "/*" not in cdef
+
+
+def _one_call(capi, clean_env, build, image, question, params, *mode, timeout=120):
+    p = subprocess.run([str(capi[1]["one_call"]), str(build), str(image), question, json.dumps(params), *mode],
+                       capture_output=True, env=clean_env, timeout=timeout)   # a hang fails here
+    assert p.returncode == 0, p.stderr
+    rows = [line.split(" ", 2) for line in p.stdout.decode().splitlines()]
+    return {r[0]: (int(r[1]), r[2] if len(r) > 2 else "") for r in rows}
+
+
+@pytest.mark.parametrize("mode,call", [("rerun", "avg_edge_run"), ("close", "avg_edge_close")])
+def test_token_callback_calling_into_its_own_context_is_refused(capi, clean_env, tiny_build, tmp_path, mode, call):
+    """It used to wait for the run it was called from, forever.  Now: busy at once, the
+    answer goes on, and the context stays open until the real close."""
+    textured_image(300, 200).save(tmp_path / "photo.png")
+    out = _one_call(capi, clean_env, tiny_build[0], tmp_path / "photo.png", "What?", {"max_new_tokens": 4}, mode)
+    code, message = out["inner"]
+    assert code == CATEGORIES["busy"].c_code and message.startswith(f"{call}: expected a context that is not running")
+    assert out["run"] == (0, "") and out["close"] == (0, "")
+
+
+@pytest.mark.parametrize("question,category,match", [
+    ("word " * 3000, "limit", "the prompt is"),
+    (b"caf\xe9?", "usage", "question: expected UTF-8 text"),
+    (b"What\xff\xfe?", "usage", "question: expected UTF-8 text"),
+])
+def test_bad_questions_follow_the_table(capi, clean_env, tiny_build, tmp_path, question, category, match):
+    textured_image(300, 200).save(tmp_path / "photo.png")
+    out = _one_call(capi, clean_env, tiny_build[0], tmp_path / "photo.png", question, {"max_new_tokens": 2})
+    code, message = out["run"]
+    assert code == CATEGORIES[category].c_code and message.startswith(match), message
+
+
+def test_header_documents_the_codes_of_the_table():
+    """Each AVG_EDGE_ERR_* comment starts with its category's name (the table's, not another)."""
+    import re
+
+    from avg_edge.runtime.capi.compile import HEADER
+
+    comments = dict(re.findall(r"#define (AVG_EDGE_ERR_\w+) \d+\s+/\* (\w+):", HEADER.read_text()))
+    assert comments == {c.c_name: c.name for c in CATEGORIES.values()}

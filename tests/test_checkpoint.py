@@ -187,3 +187,68 @@ def test_truncated_png_bytes(tiny_model):
     textured_image(64, 64).save(buf, format="PNG")
     with pytest.raises(ImageError):
         tiny_model.generate(buf.getvalue()[:100], "q?", max_new_tokens=1)
+
+
+def _truncate(folder, keep):
+    shard = folder / "model-00001-of-00003.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:keep(len(data))])
+
+
+def _index_value(value):
+    def damage(folder):
+        index = _index(folder)
+        index["weight_map"][next(iter(index["weight_map"]))] = value
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return damage
+
+
+@pytest.mark.parametrize("damage,file,match", [
+    (lambda f: _truncate(f, lambda n: n // 2), "model-00001-of-00003.safetensors", "not a readable safetensors file"),
+    (lambda f: _truncate(f, lambda n: 20), "model-00001-of-00003.safetensors", "not a readable safetensors file"),
+    (lambda f: _truncate(f, lambda n: 0), "model-00001-of-00003.safetensors", "not a readable safetensors file"),
+    (lambda f: (f / "model.safetensors.index.json").write_text("[1]"), "model.safetensors.index.json",
+     "expected a JSON object with a 'weight_map', got list"),
+    (lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": [1]}'), "model.safetensors.index.json",
+     "'weight_map' should be an object"),
+    (lambda f: (f / "model.safetensors.index.json").write_bytes(b'{"weight_map": "\xff"}'),
+     "model.safetensors.index.json", "expected UTF-8 JSON"),
+    (_index_value("../outside.safetensors"), "", "model.safetensors.index.json weight_map['"),
+    (_index_value("/etc/hostname"), "", "expected a file name inside the folder, got '/etc/hostname'"),
+    (_index_value("link.safetensors"), "", "got 'link.safetensors', which leads outside it"),
+    (_index_value(3), "", "expected a file name inside the folder, got 3"),
+    (lambda f: (f / "config.json").write_text("[1]"), "config.json", "expected a JSON object, got list"),
+    (lambda f: (f / "config.json").write_bytes(b'{"hidden_size": "\xff"}'), "config.json", "not valid UTF-8 JSON"),
+])
+def test_damaged_checkpoints_name_the_file_and_key(tiny_ckpt, tmp_path, damage, file, match):
+    folder = _copy(tiny_ckpt, tmp_path)
+    (folder / "link.safetensors").symlink_to(folder / ".." / ".." / "outside.safetensors")
+    damage(folder)
+    with pytest.raises((CheckpointError, ConfigError)) as e:
+        load_model(folder)
+    message = str(e.value)
+    assert message.startswith(str(folder / file)) and match in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("hidden_size", "abc", "'hidden_size' should be an integer, got 'abc'"),
+    ("num_hidden_layers", 2.5, "'num_hidden_layers' should be an integer, got 2.5"),
+    ("rms_norm_eps", "abc", "'rms_norm_eps' should be a number, got 'abc'"),
+    ("rope_theta", "abc", "'rope_theta' should be a number"),
+    ("mm_vision_select_layer", "abc", "'mm_vision_select_layer' should be an integer"),
+    ("vis_token_granularity", "abc", "'vis_token_granularity' should be a list of token counts"),
+    ("filtered_text_num", "abc", "'filtered_text_num' should be an integer"),
+    ("router_token_cost", "abc", "'router_token_cost' should be a number"),
+    ("router_select", "false", "'router_select' should be true or false"),
+    ("image_mean", "abc", "'image_mean' should be a list"),
+    ("mm_hidden_size", "abc", "'mm_hidden_size' should be an integer"),
+    ("eos_token_id", ["x"], "'eos_token_id' should be an integer or a list of them"),
+])
+def test_config_values_of_the_wrong_type_name_the_file_and_key(tiny_ckpt, tmp_path, key, value, match):
+    folder = _copy(tiny_ckpt, tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError) as e:
+        load_model(folder)
+    assert str(e.value).startswith(f"{folder / 'config.json'}: ") and match in str(e.value)

@@ -80,3 +80,35 @@ def test_round_trip_through_our_layout(tmp_path):
     cfg = AvgLlavaConfig.from_dict(tiny_config_dict(), folder=_folder_with_tower(tmp_path))
     again = AvgLlavaConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again.replace(vision_tower=cfg.vision_tower) == cfg
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("hidden_size", "abc", "config.json: 'hidden_size' should be an integer, got 'abc'"),
+    ("hidden_size", True, "'hidden_size' should be an integer"),
+    ("num_key_value_heads", "4", "'num_key_value_heads' should be an integer or null"),
+    ("rope_scaling", [1], "'rope_scaling' should be an object or null"),
+    ("tie_word_embeddings", 1, "'tie_word_embeddings' should be true or false"),
+    ("rms_norm_eps", float("nan"), "'rms_norm_eps' should be a number"),
+    ("mm_vision_tower", 3, "'mm_vision_tower' should be a string"),
+    ("vis_token_granularity", ["a"], "'vis_token_granularity' should be a list of token counts"),
+    ("vis_token_granularity", "[36, 'x']", "'vis_token_granularity' should be a list of token counts"),
+    ("router_num_heads", 1.0, "'router_num_heads' should be an integer"),
+    ("image_grid_pinpoints", [[float("inf"), 336]], "image_grid_pinpoints: expected a list of (width, height) pairs"),
+    ("image_std", [0.2, 0, 0.2], "'image_std' should be 3 numbers (none 0)"),
+    ("vision_config", [1], "'vision_config' should be an object"),
+    ("vision_config", {**TINY_CLIP, "patch_size": "14"}, "'vision_config.patch_size' should be an integer"),
+])
+def test_values_of_the_wrong_type_are_config_errors_naming_the_key(tmp_path, key, value, match):
+    d = tiny_config_dict(**{key: value})
+    if key == "image_std":
+        d["image_mean"] = [0.5, 0.5, 0.5]
+    with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        AvgLlavaConfig.from_dict(d, folder=_folder_with_tower(tmp_path))
+
+
+def test_the_towers_own_config_is_named(tmp_path):
+    folder = _folder_with_tower(tmp_path)
+    (folder / "tiny-clip" / "config.json").write_text(json.dumps({**TINY_CLIP, "hidden_size": "abc"}))
+    with pytest.raises(ConfigError, match=r"tiny-clip/config.json \(the vision tower's, from mm_vision_tower\): "
+                                          r"'hidden_size' should be an integer"):
+        AvgLlavaConfig.from_dict(tiny_config_dict(), folder=folder)

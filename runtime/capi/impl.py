@@ -10,7 +10,7 @@ import threading
 from typing import Any
 
 from avg_edge import __version__
-from avg_edge.errors import C_OK, Cancelled, InputError, category_of, one_line
+from avg_edge.errors import C_OK, Busy, Cancelled, InputError, category_of, one_line
 
 
 def code_for(e: BaseException) -> int:
@@ -21,8 +21,25 @@ def code_for(e: BaseException) -> int:
 INTERNAL = code_for(Exception())
 
 
+class Context:
+    """An open context: its pipeline, the lock that serialises runs on it, and the thread
+    running one now.  That thread is the only one that can call in while the lock is held
+    (from the token callback); waiting for the lock there would wait forever."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.lock = threading.Lock()
+        self.running_in: int | None = None
+
+    def refuse_reentry(self, call: str) -> None:
+        if self.running_in == threading.get_ident():
+            raise Busy(f"{call}: expected a context that is not running, got the one this token callback is "
+                       "answering for; call it after avg_edge_run returns (return non-zero from the callback "
+                       "to stop the answer)")
+
+
 def install(ffi: Any, lib: Any) -> None:
-    contexts: dict[int, tuple[Any, threading.Lock]] = {}
+    contexts: dict[int, Context] = {}
     ids = itertools.count(1)
     registry_lock = threading.Lock()
     tls = threading.local()
@@ -53,7 +70,7 @@ def install(ffi: Any, lib: Any) -> None:
             raise InputError(f"{what}: expected a JSON object, got {type(value).__name__}")
         return value
 
-    def lookup(ctx: Any) -> tuple[Any, threading.Lock]:
+    def lookup(ctx: Any) -> Context:
         if ctx == ffi.NULL:
             raise InputError("ctx: expected a context from avg_edge_open, got NULL")
         key = int(ffi.cast("uintptr_t", ctx))
@@ -84,7 +101,7 @@ def install(ffi: Any, lib: Any) -> None:
                                  threads=int(opts.get("threads", 0)))
             with registry_lock:
                 key = next(ids)
-                contexts[key] = (pipe, threading.Lock())
+                contexts[key] = Context(pipe)
             out_ctx[0] = ffi.cast("avg_edge_ctx *", key)
             return C_OK
         except BaseException as e:  # noqa: BLE001 - nothing may cross into C
@@ -96,7 +113,8 @@ def install(ffi: Any, lib: Any) -> None:
         try:
             if result_json != ffi.NULL:
                 result_json[0] = ffi.NULL
-            pipe, lock = lookup(ctx)
+            context = lookup(ctx)
+            context.refuse_reentry("avg_edge_run")
             if image == ffi.NULL:
                 raise InputError("image: expected image bytes, got NULL")
             data = bytes(ffi.buffer(image, image_len))
@@ -116,9 +134,13 @@ def install(ffi: Any, lib: Any) -> None:
                 SamplingParams(p.get("temperature", 0.0), p.get("top_k"), p.get("top_p"), p.get("seed"))
             except TypeError as e:
                 raise InputError(f"params_json: {e}") from e
-            with lock:
+            with context.lock:
                 lookup(ctx)   # closed while this call waited for the lock?
-                r = pipe.generate(data, q, on_text=on_text, **p)
+                context.running_in = threading.get_ident()
+                try:
+                    r = context.pipe.generate(data, q, on_text=on_text, **p)
+                finally:
+                    context.running_in = None
             if result_json != ffi.NULL:
                 d = {"answer": r.text, **r.to_dict()}
                 del d["text"]
@@ -128,6 +150,7 @@ def install(ffi: Any, lib: Any) -> None:
                     raise MemoryError("malloc failed for the result")
                 ffi.memmove(buf, raw, len(raw))
                 result_json[0] = ffi.cast("char *", buf)
+            tls.error = None          # not the message of a call the token callback made
             return C_OK
         except BaseException as e:  # noqa: BLE001
             return fail(e)
@@ -151,11 +174,16 @@ def install(ffi: Any, lib: Any) -> None:
         tls.error = None
         if ctx == ffi.NULL:
             return C_OK
-        key = int(ffi.cast("uintptr_t", ctx))
-        with registry_lock:
-            entry = contexts.pop(key, None)
-        if entry is None:
-            return fail(InputError("ctx: not an open context (already closed?)"))
-        with entry[1]:  # wait for a run in progress
-            pass
-        return C_OK
+        try:
+            key = int(ffi.cast("uintptr_t", ctx))
+            with registry_lock:
+                context = contexts.get(key)
+                if context is None:
+                    raise InputError("ctx: not an open context (already closed?)")
+                context.refuse_reentry("avg_edge_close")    # the context stays open
+                del contexts[key]
+            with context.lock:  # wait for a run in progress on another thread
+                context.pipe.close()
+            return C_OK
+        except BaseException as e:  # noqa: BLE001
+            return fail(e)

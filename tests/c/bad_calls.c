@@ -35,6 +35,7 @@ int main(int argc, char **argv) {
     REPORT("run_corrupt_image", avg_edge_run(ctx, junk, sizeof junk, "q?", NULL, NULL, NULL, &result));
     REPORT("run_empty_image", avg_edge_run(ctx, junk, 0, "q?", NULL, NULL, NULL, &result));
     REPORT("run_null_question", avg_edge_run(ctx, junk, sizeof junk, NULL, NULL, NULL, NULL, &result));
+    REPORT("run_bad_utf8_question", avg_edge_run(ctx, junk, sizeof junk, "caf\xe9?", NULL, NULL, NULL, &result));
     REPORT("run_bad_params", avg_edge_run(ctx, junk, sizeof junk, "q?", "{\"granularity\": 100}", NULL, NULL, &result));
     REPORT("run_unknown_param", avg_edge_run(ctx, junk, sizeof junk, "q?", "{\"colour\": 1}", NULL, NULL, &result));
     if (argc > 2) { /* a real image: cancel from the callback */
