@@ -151,7 +151,7 @@ def test_server_statuses(category, tiny_build, small_context_build, broken_build
 
 def test_server_status_for_a_bug(tiny_build, image_file, monkeypatch):
     client, pipe = _client(tiny_build[0])
-    monkeypatch.setattr(pipe, "generate", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(pipe, "prepare", lambda *a, **k: 1 / 0)       # what the scheduler calls first
     with client, pipe:
         r = client.post("/v1/chat/completions", json=_body(image_file, "auto"))
     assert r.status_code == CATEGORIES["internal"].http_status and r.json()["error"]["code"] == "internal"
