@@ -456,15 +456,10 @@ def make_feeds(spec: GraphSpec, sizes: dict[str, int], rng: np.random.Generator,
         floats = t.role not in (ATTENTION_MASK, POSITION_IDS, LOGIT_POSITIONS, PAST_LENGTH)
         if floats and zeros:
             feeds[t.name] = np.zeros(shape, dtype or t.dtype)
-        elif t.role in (PAST_KEY, PAST_VALUE) and t.shape[0] == C.AXIS_BATCH:
+        elif t.role in (PAST_KEY, PAST_VALUE):
             cache = np.zeros(shape, dtype or t.dtype)
             for r, past in enumerate(pasts):
                 cache[r, :, :past] = rng.standard_normal((shape[1], past, *shape[3:])).astype(cache.dtype)
-            feeds[t.name] = cache
-        elif t.role in (PAST_KEY, PAST_VALUE):
-            past = sizes.get(C.AXIS_PAST, 0)
-            cache = np.zeros(shape, dtype or t.dtype)
-            cache[:, :, :past] = rng.standard_normal((*shape[:2], past, *shape[3:])).astype(cache.dtype)
             feeds[t.name] = cache
         elif t.role == ATTENTION_MASK:
             feeds[t.name] = np.ones(shape, np.int64)
