@@ -74,6 +74,7 @@ bench: $(VENV)/.linked $(TRITON_DIR)/.unpacked
 	$(PY) benchmarks/bench_kv_routes.py
 	$(PY) benchmarks/bench_routing.py
 	$(PY) benchmarks/bench_roofline.py
+	$(PY) benchmarks/bench_slots.py
 	$(PY) benchmarks/bench_triton.py
 	$(PY) benchmarks/bench_server.py
 

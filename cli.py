@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from avg_edge import constants as C
 from avg_edge.errors import MissingExtra, UsageError, category_of, one_line
 
 DEFAULT_BUILD_DIR = Path("builds/avg-edge-demo")
@@ -112,6 +113,7 @@ def build_cmd(
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Decoder context (default: the model's)."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the precision's; TensorRT 10.3 parses 9..20)."),
     kv_cache: str = typer.Option("auto", "--kv-cache", help="inplace: the decoder writes into one cache buffer (ONNX Runtime's GroupQueryAttention); concat: it returns past + new (TensorRT too); auto: inplace unless TensorRT engines are built or the build is quantized."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help=f"Most requests one decode step takes (avg-serve --parallel); in-place KV cache only (default {C.DEFAULT_MAX_BATCH}; concat: 1)."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the check against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Replace an existing build folder."),
     calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="int8/int4: .jsonl or folder of image+question pairs (default: the demo's calib split)."),
@@ -141,7 +143,8 @@ def build_cmd(
         output = output or DEFAULT_BUILD_DIR
     output = output or Path("builds") / f"{model.resolve().name}-{precision}"
     opts = BuildOptions(model=model, output=output, precision=precision, backend=backend, max_crops=max_crops,
-                        max_context=max_context, opset=opset, validate=not no_validate, force=force, kv_cache=kv_cache)
+                        max_context=max_context, opset=opset, validate=not no_validate, force=force, kv_cache=kv_cache,
+                        max_batch=max_batch)
     say = lambda line: err.print(line, markup=False)  # noqa: E731
     if p.quantizer is not None:
         from avg_edge.calibration.quantized_build import QuantOptions, build_quantized
@@ -251,7 +254,11 @@ def inspect_cmd(build_dir: Path = typer.Argument(..., help="A build folder."),
     m = load_manifest(build_dir, verify=verify)
     out.print(f"build {build_dir}: format {m.format_version}, {m.precision}, opset {m.opset}, "
               f"context {m.context_length}, router: {'yes' if m.has_router else 'no'}")
-    out.print(f"granularities {m.granularities}; crop {m.crop_size}; pinpoints {m.pinpoints}; KV cache {m.kv_cache}")
+    from avg_edge.specs import DecoderRoles
+
+    batch = DecoderRoles(m.spec("decoder")).max_batch if "decoder" in m.graphs else 1
+    out.print(f"granularities {m.granularities}; crop {m.crop_size}; pinpoints {m.pinpoints}; KV cache {m.kv_cache}; "
+              f"decode batch up to {batch}")
     out.print(f"tokens: bos {m.bos_token_id}, eos {m.eos_token_id}; chat template {m.chat_template.get('name')}")
     for name in m.graphs:
         spec = m.spec(name)

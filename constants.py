@@ -38,12 +38,17 @@ AXIS_SEQ = "seq_len"
 AXIS_PAST = "past_len"
 AXIS_TOTAL = "total_len"
 AXIS_LOGITS = "n_logits"
+AXIS_BATCH = "batch"         # requests in one decode step (the in-place cache decoder only)
+DEFAULT_MAX_BATCH = 4        # avg-export build --max-batch: most requests one decode step takes
 
 
 # --- build folder ----------------------------------------------------------------
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = 5          # 2: tensor roles, a structured chat template; 3: kv_cache; 4: the router split;
-                             # 5: router.text_from, router.alignment
+MANIFEST_FORMAT = 6          # 2: tensor roles, a structured chat template; 3: kv_cache; 4: the router split;
+                             # 5: router.text_from, router.alignment; 6: the in-place decoder's batch axis
+# Older formats this version still reads: a format-5 build's decoder takes one request per
+# call (no batch axis), which the runtime handles (DecoderRoles.max_batch is then 1).
+MANIFEST_FORMATS_READ = (5, 6)
 ROUTER_TEXT_FILE = "router_text.npz"   # the router's per-token table (runtime/router.py)
 EMBED_TABLE_FILE = "embed_tokens.npy"
 IMAGE_NEWLINE_FILE = "image_newline.npy"

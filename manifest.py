@@ -194,10 +194,11 @@ def load_manifest(folder: str | Path, verify: bool = False) -> Manifest:
     if not isinstance(d, dict):
         raise BuildFolderError(f"{path}: expected a JSON object, got {type(d).__name__}; {REBUILD}")
     version = d.get("format_version")
-    if version != C.MANIFEST_FORMAT:
+    if version not in C.MANIFEST_FORMATS_READ:
+        older = [v for v in C.MANIFEST_FORMATS_READ if v != C.MANIFEST_FORMAT]
         raise BuildFolderError(
-            f"{folder}: build format version {version}, this avg-edge reads version {C.MANIFEST_FORMAT}; "
-            f"{REBUILD} of this version"
+            f"{folder}: build format version {version}, this avg-edge reads version {C.MANIFEST_FORMAT}"
+            + (f" (and {', '.join(map(str, older))})" if older else "") + f"; {REBUILD} of this version"
         )
     m = Manifest.from_dict(d, where=str(path))
     for key, name in m.named_files():

@@ -234,6 +234,13 @@ class DecoderRoles:
         return np.dtype(self._by_role[(INPUTS_EMBEDS, None)].dtype)
 
     @property
+    def max_batch(self) -> int:
+        """Most requests one decode step takes: the batch axis's max; 1 when the decoder
+        has no batch axis (the concat cache, builds before manifest format 6, --max-batch 1)."""
+        axis = self.spec.axes().get(C.AXIS_BATCH)
+        return axis.max if axis is not None else 1
+
+    @property
     def kind(self) -> str:
         """"inplace": a fixed-capacity cache that the graph updates in place (bound as both
         past and present); "concat": the graph returns past + new as a fresh present."""
@@ -243,11 +250,14 @@ class DecoderRoles:
         """present -> past names a backend should bind to one buffer (in-place caches)."""
         return {p.present: p.past for p in self.kv} if self.kind == "inplace" else {}
 
-    def new_cache(self, allocate=None) -> dict[str, Any]:
+    def new_cache(self, allocate=None, batch: int = 1) -> dict[str, Any]:
         """An empty cache by past name: zero-length pasts (concat), or zeroed buffers of the
-        full capacity made by `allocate(shape, dtype)` (in place; numpy by default)."""
+        full capacity made by `allocate(shape, dtype)` (in place; numpy by default), with
+        `batch` rows where the decoder has a batch axis (one request per row)."""
+        if batch != 1 and not 1 <= batch <= self.max_batch:
+            raise InputError(f"{self.spec.name}: a cache of {batch} rows, but the decoder takes 1..{self.max_batch}")
         allocate = allocate or (lambda shape, dtype: np.zeros(shape, dtype))
-        return {t.name: allocate(self.spec.shape_of(t, {C.AXIS_PAST: 0}), np.dtype(t.dtype))
+        return {t.name: allocate(self.spec.shape_of(t, {C.AXIS_PAST: 0, C.AXIS_BATCH: batch}), np.dtype(t.dtype))
                 for t in self.spec.inputs if t.role in (PAST_KEY, PAST_VALUE)}
 
     def empty_past(self) -> dict[str, np.ndarray]:
@@ -264,6 +274,24 @@ class DecoderRoles:
     def step_feeds(self, embed: np.ndarray, position: int, cache: dict[str, Any]) -> dict[str, Any]:
         """One new token's embedding [1, 1, D] at `position`, after `cache` (by past name)."""
         return self._feeds(embed, position, np.zeros(1, np.int64), cache)
+
+    def batch_step_feeds(self, embeds: np.ndarray, positions: np.ndarray, cache: dict[str, Any]) -> dict[str, Any]:
+        """One decode step of several requests: row r's new token embeds[r] [B, 1, D] at
+        positions[r] (its past length), after the B-row `cache` (by past name).  Logits
+        come back as [B, 1, vocab].  A decoder without a batch axis takes B = 1."""
+        positions = np.asarray(positions, np.int64).reshape(-1)
+        b = embeds.shape[0]
+        if embeds.ndim != 3 or embeds.shape[1] != 1 or positions.shape != (b,):
+            raise InputError(f"{self.spec.name}: a batched step takes embeds [B, 1, D] and positions [B], "
+                             f"got {list(embeds.shape)} and {list(positions.shape)}")
+        if not 1 <= b <= self.max_batch:
+            raise InputError(f"{self.spec.name}: a step of {b} requests, but the decoder takes 1..{self.max_batch}"
+                             + ("" if self.max_batch > 1 else " (no batch axis: rebuild with avg-export build "
+                                                             "--kv-cache inplace --max-batch N)"))
+        if self.kind == "concat":
+            return self.step_feeds(embeds, int(positions[0]), cache)
+        return {self.name(INPUTS_EMBEDS): embeds, self.name(POSITION_IDS): positions[:, None],
+                self.name(LOGIT_POSITIONS): np.zeros(1, np.int64), self.name(PAST_LENGTH): positions, **cache}
 
     def _feeds(self, embeds: np.ndarray, past: int, logit_positions: np.ndarray, cache: dict[str, Any]) -> dict[str, Any]:
         n = embeds.shape[1]
@@ -293,6 +321,7 @@ class Bounds:
     min_visual: int          # fewest visual tokens an image can give (coarsest granularity)
     max_visual: int          # most (finest granularity, most tiles)
     text_opt: int = 48       # a typical prompt without the image
+    max_batch: int = C.DEFAULT_MAX_BATCH   # most requests one decode step takes (in-place cache only)
 
 
 def feature_name(granularity: int) -> str:
@@ -327,22 +356,27 @@ def router_spec(hidden: int, granularities: tuple[int, ...], b: Bounds, dtype: s
 def decoder_spec(hidden: int, layers: int, kv_heads: int, head_dim: int, vocab: int, b: Bounds, dtype: str,
                  kv_cache: str = "concat") -> GraphSpec:
     """concat: past [1, KV, past_len, hd] in, present [1, KV, past_len + seq, hd] out.
-    inplace: a cache of the full context [1, KV, ctx, hd] in and out (a backend binds both
-    to one buffer), with `past_length` saying how many rows are valid."""
+    inplace: a cache of the full context [batch, KV, ctx, hd] in and out (a backend binds
+    both to one buffer), with `past_length` [batch] saying how many rows of each request
+    are valid.  The batch axis (one request per row, each at its own length) is for
+    decode steps: prefill stays batch 1, a decode step takes up to b.max_batch requests
+    (--max-batch 1: a fixed 1, as for concat).  logit_positions is shared by all rows."""
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache: expected one of {KV_CACHES}, got {kv_cache!r}")
     ctx = b.max_context
     inplace = kv_cache == "inplace"
-    kv = (1, kv_heads, ctx, head_dim) if inplace else (1, kv_heads, C.AXIS_PAST, head_dim)
-    kv_out = (1, kv_heads, ctx, head_dim) if inplace else (1, kv_heads, C.AXIS_TOTAL, head_dim)
-    inputs = [TensorSpec("inputs_embeds", dtype, (1, C.AXIS_SEQ, hidden), INPUTS_EMBEDS)]
+    batched = inplace and b.max_batch > 1
+    n = C.AXIS_BATCH if batched else 1
+    kv = (n, kv_heads, ctx, head_dim) if inplace else (1, kv_heads, C.AXIS_PAST, head_dim)
+    kv_out = (n, kv_heads, ctx, head_dim) if inplace else (1, kv_heads, C.AXIS_TOTAL, head_dim)
+    inputs = [TensorSpec("inputs_embeds", dtype, (n, C.AXIS_SEQ, hidden), INPUTS_EMBEDS)]
     if inplace:
-        inputs.append(TensorSpec("past_length", "int64", (1,), PAST_LENGTH))
+        inputs.append(TensorSpec("past_length", "int64", (n,), PAST_LENGTH))
     else:
         inputs.append(TensorSpec("attention_mask", "int64", (1, C.AXIS_TOTAL), ATTENTION_MASK))
-    inputs += [TensorSpec("position_ids", "int64", (1, C.AXIS_SEQ), POSITION_IDS),
+    inputs += [TensorSpec("position_ids", "int64", (n, C.AXIS_SEQ), POSITION_IDS),
                TensorSpec("logit_positions", "int64", (C.AXIS_LOGITS,), LOGIT_POSITIONS)]
-    outputs = [TensorSpec("logits", "float32", (1, C.AXIS_LOGITS, vocab), LOGITS)]
+    outputs = [TensorSpec("logits", "float32", (n, C.AXIS_LOGITS, vocab), LOGITS)]
     for i in range(layers):
         inputs += [TensorSpec(C.past_key_name(i), dtype, kv, PAST_KEY, i),
                    TensorSpec(C.past_value_name(i), dtype, kv, PAST_VALUE, i)]
@@ -352,7 +386,11 @@ def decoder_spec(hidden: int, layers: int, kv_heads: int, head_dim: int, vocab: 
     # (In place, past_len names no tensor dimension: it is the value of `past_length`,
     # kept in the profiles so that validation points cover short and long pasts.)
     prefill_seq = Axis(C.AXIS_SEQ, min(b.min_visual, ctx), min(b.min_visual + b.text_opt, ctx), ctx)
+    # Each request's prefill runs on its own (batch 1); decode steps batch the requests.
+    batch = {"prefill": {C.AXIS_BATCH: Axis(C.AXIS_BATCH, 1, 1, 1)},
+             "decode": {C.AXIS_BATCH: Axis(C.AXIS_BATCH, 1, min(2, b.max_batch), b.max_batch)}} if batched else {}
     prefill = Profile("prefill", {
+        **batch.get("prefill", {}),
         C.AXIS_SEQ: prefill_seq,
         C.AXIS_PAST: Axis(C.AXIS_PAST, 0, 0, 0),
         C.AXIS_TOTAL: Axis(C.AXIS_TOTAL, prefill_seq.min, prefill_seq.opt, prefill_seq.max),
@@ -362,6 +400,7 @@ def decoder_spec(hidden: int, layers: int, kv_heads: int, head_dim: int, vocab: 
     })
     past_opt = min(b.max_visual + b.text_opt, ctx - 1)
     decode = Profile("decode", {
+        **batch.get("decode", {}),
         C.AXIS_SEQ: Axis(C.AXIS_SEQ, 1, 1, 1),
         C.AXIS_PAST: Axis(C.AXIS_PAST, min(b.min_visual, ctx - 1), past_opt, ctx - 1),
         C.AXIS_TOTAL: Axis(C.AXIS_TOTAL, min(b.min_visual, ctx - 1) + 1, past_opt + 1, ctx),
@@ -406,9 +445,11 @@ def make_feeds(spec: GraphSpec, sizes: dict[str, int], rng: np.random.Generator,
     positions that continue the past, logits for the last K positions.  A KV cache holds
     normal values in its valid rows (the past) and zeros after them: an in-place cache of
     the whole context then costs memory only for its past (untouched zero pages are not
-    resident; 2 GiB for 7B's empty cache).  zeros: every float input is zeros (for tracing,
-    where values are never read)."""
+    resident; 2 GiB for 7B's empty cache).  With a batch axis each row is a request at its
+    own length (row_pasts).  zeros: every float input is zeros (for tracing, where values
+    are never read)."""
     sizes = with_derived(sizes)
+    pasts = row_pasts(sizes)
     feeds: dict[str, np.ndarray] = {}
     for t in spec.inputs:
         shape = spec.shape_of(t, sizes)
@@ -416,23 +457,30 @@ def make_feeds(spec: GraphSpec, sizes: dict[str, int], rng: np.random.Generator,
         if floats and zeros:
             feeds[t.name] = np.zeros(shape, dtype or t.dtype)
         elif t.role in (PAST_KEY, PAST_VALUE):
-            past = sizes.get(C.AXIS_PAST, 0)
             cache = np.zeros(shape, dtype or t.dtype)
-            cache[:, :, :past] = rng.standard_normal((*shape[:2], past, *shape[3:])).astype(cache.dtype)
+            for r, past in enumerate(pasts):
+                cache[r, :, :past] = rng.standard_normal((shape[1], past, *shape[3:])).astype(cache.dtype)
             feeds[t.name] = cache
         elif t.role == ATTENTION_MASK:
             feeds[t.name] = np.ones(shape, np.int64)
         elif t.role == POSITION_IDS:
-            past = sizes.get(C.AXIS_PAST, 0)
-            feeds[t.name] = (past + np.arange(shape[1], dtype=np.int64))[None]
+            feeds[t.name] = pasts[:, None] + np.arange(shape[1], dtype=np.int64)[None]
         elif t.role == LOGIT_POSITIONS:
             seq = sizes[C.AXIS_SEQ]
             feeds[t.name] = np.arange(seq - shape[0], seq, dtype=np.int64)
         elif t.role == PAST_LENGTH:
-            feeds[t.name] = np.array([sizes.get(C.AXIS_PAST, 0)], np.int64)
+            feeds[t.name] = pasts.copy()
         else:
             feeds[t.name] = rng.standard_normal(shape).astype(dtype or t.dtype)
     return feeds
+
+
+def row_pasts(sizes: dict[str, int]) -> np.ndarray:
+    """The past length of each row of a batch at `sizes` ([batch] int64): the first row at
+    past_len, each next row at half the one before (rows at their own lengths, as requests
+    in one decode step are; the batch's cache holds less than twice the first row's)."""
+    past = sizes.get(C.AXIS_PAST, 0)
+    return np.array([past >> r for r in range(sizes.get(C.AXIS_BATCH, 1))], np.int64)
 
 
 def iter_points(spec: GraphSpec) -> Iterator[tuple[str, dict[str, int]]]:

@@ -63,17 +63,19 @@ def validation_points(spec: S.GraphSpec, attention_heads: int | None = None,
 
 def compared(spec: S.GraphSpec, point: Point, outputs: dict[str, Any]) -> dict[str, np.ndarray]:
     """The part of each output that validation compares, flattened to fp32: presents only
-    at the new positions (the past part is a copy of an input), and a seeded sample of
-    at most SAMPLE values.  Outputs may be numpy arrays or anything sliceable that numpy
-    converts (torch tensors): only the compared region is converted."""
-    past = point.sizes.get(C.AXIS_PAST, 0)
+    at the new positions (the past part is a copy of an input; each row of a batch at its
+    own past, specs.row_pasts), and a seeded sample of at most SAMPLE values.  Outputs may
+    be numpy arrays or anything sliceable that numpy converts (torch tensors): only the
+    compared region is converted."""
+    pasts = S.row_pasts(point.sizes)
     seq = point.sizes.get(C.AXIS_SEQ, 0)
     out = {}
     for t in spec.outputs:
         a = outputs[t.name]
         if t.role in (S.PRESENT_KEY, S.PRESENT_VALUE):
-            a = a[:, :, past:past + seq, :]
-        flat = np.asarray(a).reshape(-1)
+            flat = np.concatenate([np.asarray(a[r:r + 1, :, p:p + seq, :]).reshape(-1) for r, p in enumerate(pasts)])
+        else:
+            flat = np.asarray(a).reshape(-1)
         if flat.size > SAMPLE:
             idx = np.sort(np.random.default_rng(_seed(spec.name, point.name, t.name)).choice(flat.size, SAMPLE, replace=False))
             flat = flat[idx]
@@ -149,6 +151,44 @@ def check(spec: S.GraphSpec, points: list[Point], refs: dict[str, np.ndarray], r
         results.append(PointResult(p.name, p.sizes, p.seed, diff, scale, tol, bool(diff <= tol), p.note))
     status = "passed" if all(r.ok for r in results) else "failed"
     return GraphValidation(spec.name, against, runner, status, "", results)
+
+
+def row_feeds(spec: S.GraphSpec, feeds: dict[str, np.ndarray], row: int) -> dict[str, np.ndarray]:
+    """Row `row` of a batch's feeds, as the one-request call it stands for (inputs without
+    the batch axis, such as logit_positions, are shared)."""
+    return {t.name: feeds[t.name][row:row + 1] if t.shape[:1] == (C.AXIS_BATCH,) else feeds[t.name] for t in spec.inputs}
+
+
+def check_rows(spec: S.GraphSpec, points: list[Point], run: Callable[[dict], dict], tolerance: tuple[float, float],
+               runner: str) -> GraphValidation:
+    """Each batched point (more than one row) against its rows run one at a time through
+    the same `run`: every row's logits and new cache rows must be what that request gives
+    alone (a batch must not mix its requests; rows are at different lengths)."""
+    atol, rtol = tolerance
+    results = []
+    for p in points:
+        pasts = S.row_pasts(p.sizes)
+        if len(pasts) < 2:
+            continue
+        seq = p.sizes.get(C.AXIS_SEQ, 0)
+        feeds = p.feeds(spec)
+        together = run(feeds)
+        diff, scale = 0.0, 0.0
+        for r, past in enumerate(pasts):
+            alone = run(row_feeds(spec, feeds, r))
+            for t in spec.outputs:
+                got, want = np.asarray(together[t.name][r:r + 1]), np.asarray(alone[t.name])
+                if t.role in (S.PRESENT_KEY, S.PRESENT_VALUE):
+                    got, want = got[:, :, past:past + seq], want[:, :, past:past + seq]
+                if want.size:
+                    diff = max(diff, float(np.abs(got.astype(np.float32) - want.astype(np.float32)).max()))
+                    scale = max(scale, float(np.abs(want.astype(np.float32)).max()))
+        tol = atol + rtol * scale
+        results.append(PointResult(f"{p.name}:rows", p.sizes, p.seed, diff, scale, tol, bool(diff <= tol),
+                                   f"{len(pasts)} rows at pasts {pasts.tolist()}, each against itself alone"))
+    status = "passed" if all(r.ok for r in results) else "failed"
+    return GraphValidation(spec.name, "each row run alone", runner, status if results else "skipped",
+                           "" if results else "no batched point", results)
 
 
 def points_from_manifest(validation: dict[str, Any]) -> list[Point]:

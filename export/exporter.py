@@ -30,6 +30,7 @@ from avg_edge.runtime.packing import visual_token_count
 from avg_edge.runtime.phases import GIB, Phases, release_memory
 
 BACKENDS = ("auto", "ort", "trt")
+MAX_BATCH_LIMIT = 64        # --max-batch: a sanity bound (each row is a whole context of cache)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -46,6 +47,15 @@ class BuildOptions:
     force: bool = False
     timing_cache: Path | None = None
     kv_cache: str = "auto"                   # auto | concat | inplace (see resolved_kv_cache)
+    max_batch: int | None = None             # requests per decode step (in place only); None: C.DEFAULT_MAX_BATCH
+
+    @property
+    def resolved_max_batch(self) -> int:
+        """The decoder's batch bound: 1 for the concat cache (TensorRT, quantized builds),
+        else --max-batch or the default."""
+        if self.resolved_kv_cache == "concat":
+            return 1
+        return C.DEFAULT_MAX_BATCH if self.max_batch is None else self.max_batch
 
     @property
     def precision_info(self) -> Precision:
@@ -100,6 +110,13 @@ def check_options(o: BuildOptions) -> None:
     p.opset(o.opset)
     if o.kv_cache not in ("auto", *S.KV_CACHES):
         raise UsageError(f"--kv-cache: expected auto, concat or inplace, got {o.kv_cache!r}")
+    if o.max_batch is not None and (isinstance(o.max_batch, bool) or not isinstance(o.max_batch, int)
+                                    or not 1 <= o.max_batch <= MAX_BATCH_LIMIT):
+        raise UsageError(f"--max-batch: expected 1..{MAX_BATCH_LIMIT} requests per decode step, got {o.max_batch!r}")
+    if o.max_batch is not None and o.max_batch > 1 and o.resolved_kv_cache == "concat":
+        raise UsageError(f"--max-batch {o.max_batch}: only the in-place KV cache batches requests, and this build's is "
+                         f"concat ({'--kv-cache concat' if o.kv_cache == 'concat' else 'chosen by --kv-cache auto'}); "
+                         "add --kv-cache inplace (ONNX Runtime only), or drop --max-batch")
     if o.kv_cache == "inplace" and o.backend == "trt":
         raise UsageError("--kv-cache inplace uses ONNX Runtime's GroupQueryAttention, which TensorRT cannot parse; "
                          "use --kv-cache concat (or auto) for engines")
@@ -129,7 +146,7 @@ def check_output(out: Path, force: bool) -> None:
         raise UsageError(f"cannot write the output {out}: {nearest} is not writable")
 
 
-def bounds_for(config, max_crops: int | None, max_context: int | None) -> S.Bounds:
+def bounds_for(config, max_crops: int | None, max_context: int | None, max_batch: int = C.DEFAULT_MAX_BATCH) -> S.Bounds:
     crop = config.crop_size
     fits = [(w, h) for w, h in config.pinpoints if 1 + (w // crop) * (h // crop) <= (max_crops or config.max_crops)]
     least = 1 + min((w // crop) * (h // crop) for w, h in config.pinpoints)
@@ -141,7 +158,7 @@ def bounds_for(config, max_crops: int | None, max_context: int | None) -> S.Boun
     finest = config.granularities[-1]
     max_visual = max(visual_token_count(finest, (w // crop, h // crop), (w, h)) for w, h in fits)
     return S.Bounds(max_crops=max_crops or config.max_crops, max_context=max_context or ctx_model,
-                    min_visual=config.granularities[0], max_visual=max_visual)
+                    min_visual=config.granularities[0], max_visual=max_visual, max_batch=max_batch)
 
 
 def graph_specs(config, b: S.Bounds, precision_name: str, kv_cache: str = "concat") -> dict[str, S.GraphSpec]:
@@ -186,7 +203,7 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print, phases: Phas
     out = Path(o.output)
     ph = phases if phases is not None else Phases(progress)
     config = AvgLlavaConfig.from_folder(o.model)
-    b = bounds_for(config, o.max_crops, o.max_context)
+    b = bounds_for(config, o.max_crops, o.max_context, o.resolved_max_batch)
     kv_cache = o.resolved_kv_cache
     specs = graph_specs(config, b, o.precision, kv_cache)
     ph.total = ph.count + 2 + len(specs) * (2 if o.validate else 1) + 2
@@ -230,9 +247,15 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print, phases: Phas
                 with OrtBackend(spec, tmp / spec.file, providers="cpu") as backend:
                     v = V.check(spec, points[name], refs, lambda feeds: backend.infer(feeds, check=False), p.tolerance,
                                 backend.describe())
+                    row_check = V.check_rows(spec, points[name], lambda feeds: backend.infer(feeds, check=False),
+                                        p.tolerance, backend.describe()) if name == S.DECODER else None
                 validation[name] = v
                 release_memory()
                 detail.text = f"{v.status}, max abs diff {v.max_abs_diff:.2e} over {len(v.points)} points"
+                if row_check is not None and row_check.points:     # a batched step against its requests run alone
+                    validation[f"{name}.rows"] = row_check
+                    detail.text += (f"; batched rows vs each alone: {row_check.status}, "
+                                    f"max abs diff {row_check.max_abs_diff:.2e}")
         if wrapper_diff is not None:
             progress(f"      decoder code vs transformers' Llama: max abs diff {wrapper_diff:.2e}")
         failed = [n for n, v in validation.items() if v.status == "failed"]

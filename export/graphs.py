@@ -24,28 +24,31 @@ from avg_edge.model.llava import AvgLlavaModel
 @torch.library.custom_op("avg_edge::cached_attention", mutates_args=())
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                      past_length: torch.Tensor, num_heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q [1, s, H*hd], k/v [1, s, KV*hd] (q and k already rotated), cache [1, KV, cap, hd]
-    with `past_length` valid rows -> (out [1, s, H*hd], cache with rows past..past+s
-    written).  Causal over the cache: query i sees rows 0..past+i.  The same maths as
-    the concat path; in ONNX it becomes ONNX Runtime's GroupQueryAttention, which writes
-    the new rows into a cache bound as both its past and its present."""
+    """q [B, s, H*hd], k/v [B, s, KV*hd] (q and k already rotated), cache [B, KV, cap, hd]
+    with past_length[r] valid rows for request r -> (out [B, s, H*hd], cache with rows
+    past..past+s of each request written).  Causal over the cache: query i of request r
+    sees rows 0..past_length[r]+i of its own cache.  The same maths as the concat path,
+    one request at a time; in ONNX it becomes ONNX Runtime's GroupQueryAttention, which
+    writes the new rows into a cache bound as both its past and its present."""
     b, s, _ = q.shape
     hd = cache_k.shape[-1]
-    past = int(past_length.reshape(-1)[0])
-    kn = k.view(b, s, kv_heads, hd).transpose(1, 2)                             # [1, KV, s, hd]
+    kn = k.view(b, s, kv_heads, hd).transpose(1, 2)                             # [B, KV, s, hd]
     vn = v.view(b, s, kv_heads, hd).transpose(1, 2)
+    qh = q.view(b, s, num_heads, hd).transpose(1, 2)                             # [B, H, s, hd]
     ck, cv = cache_k.clone(), cache_v.clone()
-    ck[:, :, past:past + s] = kn.to(ck.dtype)
-    cv[:, :, past:past + s] = vn.to(cv.dtype)
     rep = num_heads // kv_heads
-    kk = ck[:, :, :past + s].to(q.dtype).repeat_interleave(rep, dim=1)           # [1, H, t, hd]
-    vv = cv[:, :, :past + s].to(q.dtype).repeat_interleave(rep, dim=1)
-    qh = q.view(b, s, num_heads, hd).transpose(1, 2)                             # [1, H, s, hd]
-    scores = (qh @ kk.transpose(2, 3)).float() / math.sqrt(hd)                   # [1, H, s, t] fp32
-    allowed = torch.arange(past + s)[None, :] <= (past + torch.arange(s))[:, None]
-    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    out = (torch.softmax(scores, dim=-1).to(vv.dtype) @ vv).transpose(1, 2).reshape(b, s, -1)
-    return out, ck, cv
+    out = []
+    for r in range(b):
+        past = int(past_length.reshape(-1)[r])
+        ck[r, :, past:past + s] = kn[r].to(ck.dtype)
+        cv[r, :, past:past + s] = vn[r].to(cv.dtype)
+        kk = ck[r:r + 1, :, :past + s].to(q.dtype).repeat_interleave(rep, dim=1)      # [1, H, t, hd]
+        vv = cv[r:r + 1, :, :past + s].to(q.dtype).repeat_interleave(rep, dim=1)
+        scores = (qh[r:r + 1] @ kk.transpose(2, 3)).float() / math.sqrt(hd)           # [1, H, s, t] fp32
+        allowed = torch.arange(past + s)[None, :] <= (past + torch.arange(s))[:, None]
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        out.append((torch.softmax(scores, dim=-1).to(vv.dtype) @ vv).transpose(1, 2).reshape(1, s, -1))
+    return torch.cat(out), ck, cv
 
 
 @cached_attention.register_fake
@@ -55,15 +58,15 @@ def _(q, k, v, cache_k, cache_v, past_length, num_heads, kv_heads):
 
 def cached_attention_onnx(q, k, v, cache_k, cache_v, past_length, num_heads: int, kv_heads: int):
     """ONNX for cached_attention: com.microsoft.GroupQueryAttention with seqlens_k = past + s - 1
-    and total_sequence_length = past + s."""
+    per request ([B] int32) and total_sequence_length = the longest request's past + s."""
     from onnxscript import INT32
     from onnxscript import opset18 as op
     from onnxscript.values import Op, Opset
 
     group_query_attention = Op(Opset("com.microsoft", 1), "GroupQueryAttention", _gqa_schema())
-    total = op.Add(past_length, op.Shape(q, start=1, end=2))                    # [1] int64
+    total = op.Add(past_length, op.Shape(q, start=1, end=2))                    # [B] int64
     seqlens_k = op.Cast(op.Sub(total, op.Constant(value_ints=[1])), to=INT32.dtype)
-    total_len = op.Cast(op.Squeeze(total, op.Constant(value_ints=[0])), to=INT32.dtype)
+    total_len = op.Cast(op.ReduceMax(total, keepdims=0), to=INT32.dtype)        # scalar
     out, present_k, present_v = group_query_attention(q, k, v, cache_k, cache_v, seqlens_k, total_len,
                                                       num_heads=num_heads, kv_num_heads=kv_heads, _num_outputs=3)
     return out, present_k, present_v
@@ -144,6 +147,8 @@ class DecoderGraph(nn.Module):
     inputs_embeds [1, seq, D], attention_mask [1, past + seq], position_ids [1, seq],
     logit_positions [K], past key/value [1, kv_heads, past, head_dim] of each layer
     -> logits [1, K, vocab] (float32), present key/value [1, kv_heads, past + seq, head_dim].
+    In place: past_length [B] instead of the mask, caches [B, kv_heads, ctx, head_dim]
+    in and out, and every other tensor with B rows (one request each).
     """
 
     def __init__(self, model: AvgLlavaModel, spec: S.GraphSpec) -> None:
@@ -161,9 +166,9 @@ class DecoderGraph(nn.Module):
     def _attend_inplace(self, layer, h: torch.Tensor, cos, sin, cache_k, cache_v, past_length):
         attn = layer.self_attn
         b, s, _ = h.shape
-        q = attn.q_proj(h).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)   # [1, H, s, hd]
-        k = attn.k_proj(h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)      # [1, KV, s, hd]
-        v = attn.v_proj(h)                                                          # [1, s, KV*hd]
+        q = attn.q_proj(h).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)   # [B, H, s, hd]
+        k = attn.k_proj(h).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)      # [B, KV, s, hd]
+        v = attn.v_proj(h)                                                          # [B, s, KV*hd]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         out, ck, cv = torch.ops.avg_edge.cached_attention(
             q.transpose(1, 2).reshape(b, s, -1), k.transpose(1, 2).reshape(b, s, -1), v, cache_k, cache_v,
@@ -216,8 +221,8 @@ class DecoderGraph(nn.Module):
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             out[r.name(S.PRESENT_KEY, i)], out[r.name(S.PRESENT_VALUE, i)] = k, v
-        h = self.norm(h.index_select(1, logit_positions))                            # [1, K, D]
-        out[r.name(S.LOGITS)] = self.lm_head(h).float()                              # [1, K, vocab]
+        h = self.norm(h.index_select(1, logit_positions))                            # [B, K, D]
+        out[r.name(S.LOGITS)] = self.lm_head(h).float()                              # [B, K, vocab]
         return tuple(out[n] for n in self.spec.output_names)
 
 

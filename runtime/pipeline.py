@@ -517,6 +517,17 @@ class Generation:
                                        text="".join(said) if stops.stopped else None)
 
 
+def result_of(pipe: Pipeline, prepared: Prepared, ids: list[int], finish_reason: str, timings: Timings) -> Result:
+    """The Result of an answer decoded outside Generation (runtime/slots.py), with the
+    fields Generation fills: the text, the router's choice and the given timings."""
+    p, probs = prepared, prepared.router_probs
+    return Result(text=pipe.tokenizer.decode(ids).strip(), token_ids=list(ids), granularity=p.granularity,
+                  router_logits=None if p.router_logits is None else [float(x) for x in p.router_logits],
+                  router_probs=None if probs is None else [float(x) for x in probs],
+                  visual_tokens=p.visual_tokens, visual_tokens_full=p.visual_tokens_full,
+                  finish_reason=finish_reason, timings=timings)
+
+
 def _check_max_new_tokens(n: Any) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise InputError(f"max_new_tokens: expected a positive integer, got {n!r}")

@@ -65,6 +65,11 @@ def test_manifest_contents(fp32_build, tiny_ckpt):
         assert v["status"] == "passed" and len(v["points"]) == n_points
         assert 0 <= v["max_abs_diff"] < 1e-3
     assert m.validation["decoder_code_vs_transformers"] < 1e-4
+    # The batched decode points, each row against itself run alone (rows at their own pasts).
+    rows = m.validation["decoder.rows"]
+    assert rows["status"] == "passed" and [p["point"] for p in rows["points"]] == ["decode:opt:rows", "decode:max:rows"]
+    assert rows["points"][1]["sizes"]["batch"] == 4 and "rows at pasts [4095, 2047, 1023, 511]" in rows["points"][1]["note"]
+    assert rows["max_abs_diff"] < 1e-5
     assert {"torch", "onnx", "onnxruntime", "transformers", "avg_edge"} <= set(m.tools)
     assert m.tensorrt is None and m.engines == {}
 
@@ -166,14 +171,15 @@ def test_inspect_prints_manifest_and_io_tables(fp32_build):
     r = runner.invoke(export_app, ["inspect", str(out), "--verify"], terminal_width=200)
     assert r.exit_code == 0, r.output
     assert f"format {C.MANIFEST_FORMAT}, fp32, opset 18, context 4096, router: yes" in r.output
-    assert "KV cache inplace" in r.output and "past_length" in r.output
-    assert "past_key_values.1.value" in r.output and "[1, 4, 4096, 16]" in r.output          # the cache's capacity
-    assert "profile decode: seq_len 1/1/1" in r.output and "TensorRT engines: none" in r.output
+    assert "KV cache inplace; decode batch up to 4" in r.output and "past_length" in r.output
+    assert "past_key_values.1.value" in r.output and "[batch[1..4], 4, 4096, 16]" in r.output  # the cache's capacity
+    assert "profile decode: batch 1/2/4, seq_len 1/1/1" in r.output and "TensorRT engines: none" in r.output
 
 
 def test_inspect_shows_the_concat_cache(tiny_concat_build):
     r = runner.invoke(export_app, ["inspect", str(tiny_concat_build)], terminal_width=200)
-    assert r.exit_code == 0 and "KV cache concat" in r.output and "[1, 4, past_len[0..4095], 16]" in r.output
+    assert r.exit_code == 0 and "KV cache concat; decode batch up to 1" in r.output
+    assert "[1, 4, past_len[0..4095], 16]" in r.output
 
 
 @pytest.mark.parametrize("args,code,match", [
@@ -187,6 +193,9 @@ def test_inspect_shows_the_concat_cache(tiny_concat_build):
     (["-m", "{ckpt}", "-o", "{tmp}/o", "--opset", "12"], 2, "--opset: fp32 builds use opsets 17..23, got 12"),
     (["-m", "{ckpt}", "-o", "{tmp}/o", "--precision", "int4", "--opset", "18"], 2, "int4 builds use opsets 21..23"),
     (["-m", "{ckpt}", "-o", "{tmp}/o", "--backend", "onnx"], 2, "('onnx' is now called 'ort')"),
+    (["-m", "{ckpt}", "-o", "{tmp}/o", "--max-batch", "0"], 2, "--max-batch: expected 1..64 requests per decode step, got 0"),
+    (["-m", "{ckpt}", "-o", "{tmp}/o", "--kv-cache", "concat", "--max-batch", "4"], 2,
+     "--max-batch 4: only the in-place KV cache batches requests, and this build's is concat (--kv-cache concat)"),
 ])
 def test_build_errors_are_one_line_with_exit_codes(tiny_ckpt, tmp_path, args, code, match):
     (tmp_path / "exists").mkdir()

@@ -47,6 +47,12 @@ class Backend:
         """A buffer in this backend's memory for an in-place cache (contents undefined)."""
         return np.zeros(shape, dtype)
 
+    def rows(self, buffer: Any, start: int, stop: int) -> Any:
+        """Rows start..stop-1 (first axis) of a buffer from `allocate`, sharing its memory:
+        fed as an input with an alias, the call writes into those rows of `buffer` (several
+        requests' caches in one buffer; a decode step binds the rows of its batch)."""
+        return buffer[start:stop]
+
     def _timed(self, fn, *args: Any) -> dict[str, Any]:
         if self.closed:
             from avg_edge.errors import BackendError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,38 @@ def ort_cache_dir() -> Path:
     return base / "avg-edge" / "ort-tensorrt"
 
 
+# OrtValue.data_type() -> numpy dtype, for the buffers `allocate` makes (cache dtypes).
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+           "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+@dataclass(frozen=True)
+class OrtRows:
+    """Rows start..stop-1 (first axis) of an OrtValue made by OrtBackend.allocate, bound to
+    a session by address (IOBinding with a pointer, on the buffer's device): what a call
+    writes lands in the buffer, nothing is copied.  Holds the OrtValue, so the memory
+    lives as long as the view."""
+
+    buffer: Any
+    start: int
+    stop: int
+
+    def shape(self) -> list[int]:
+        return [self.stop - self.start, *self.buffer.shape()[1:]]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(_DTYPES[self.buffer.data_type()])
+
+    def data_ptr(self) -> int:
+        row = int(np.prod(self.buffer.shape()[1:], dtype=np.int64)) * self.dtype.itemsize
+        return self.buffer.data_ptr() + self.start * row
+
+    def numpy(self) -> np.ndarray:
+        """A host copy of the rows (tests, debugging)."""
+        return self.buffer.numpy()[self.start:self.stop]
+
+
 class OrtBackend(Backend):
     name = "ort"
 
@@ -118,22 +151,31 @@ class OrtBackend(Backend):
 
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self._device)
 
+    def rows(self, buffer: Any, start: int, stop: int) -> Any:
+        if not 0 <= start < stop <= buffer.shape()[0]:
+            raise BackendError(f"{self.spec.name}: rows {start}..{stop - 1} of a buffer of {buffer.shape()[0]}")
+        return OrtRows(buffer, start, stop)
+
     def _infer_kv_impl(self, feeds: dict[str, Any], to_host: tuple[str, ...], aliases: dict[str, str]) -> dict[str, Any]:
-        """Inputs may be OrtValues; only `to_host` outputs become numpy, the rest stay
-        OrtValues (the KV cache never leaves the device).  An aliased output is bound to
-        its input's OrtValue: the graph writes into it, nothing is copied."""
+        """Inputs may be OrtValues (or OrtRows); only `to_host` outputs become numpy, the
+        rest stay OrtValues (the KV cache never leaves the device).  An aliased output is
+        bound to its input's OrtValue or rows: the graph writes into it, nothing is copied."""
         import onnxruntime as ort
 
         binding = self.session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
+            elif isinstance(value, OrtRows):
+                binding.bind_input(name, self._device, 0, value.dtype.type, value.shape(), value.data_ptr())
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.spec.output_names:
             source = feeds.get(aliases.get(name, ""))
             if isinstance(source, ort.OrtValue):
                 binding.bind_ortvalue_output(name, source)
+            elif isinstance(source, OrtRows):
+                binding.bind_output(name, self._device, 0, source.dtype.type, source.shape(), source.data_ptr())
             else:
                 binding.bind_output(name, "cpu" if name in to_host else self._device)
         try:
