@@ -384,24 +384,6 @@ class Pipeline:
                 on_text(piece)
         return gen.result
 
-    def result(self, prepared: Prepared, ids: list[int], finish_reason: str, t_start: float, prefill_seconds: float,
-               first_token_at: float, decode_seconds: float, text: str | None = None) -> Result:
-        """The Result of a finished answer (`text`: the answer cut at a stop sequence; by
-        default all of `ids` decoded)."""
-        p = prepared
-        tm = replace(p.timings, load=self.load_seconds, prompt_eval=prefill_seconds,
-                     prompt_eval_count=p.embeds.shape[1], eval=decode_seconds, eval_count=len(ids),
-                     time_to_first_token=(first_token_at - t_start) if first_token_at else 0.0)
-        tm.total = time.perf_counter() - t_start
-        tm.backend = sum(b.total_inference_time for b in self.backends.values())
-        probs = p.router_probs
-        return Result(text=(self.tokenizer.decode(ids) if text is None else text).strip(), token_ids=list(ids),
-                      granularity=p.granularity,
-                      router_logits=None if p.router_logits is None else [float(x) for x in p.router_logits],
-                      router_probs=None if probs is None else [float(x) for x in probs],
-                      visual_tokens=p.visual_tokens, visual_tokens_full=p.visual_tokens_full,
-                      finish_reason=finish_reason, timings=tm)
-
 
 def check_stop(stop: Any) -> tuple[str, ...]:
     """OpenAI's `stop`: None, a string or a list of at most 4 non-empty strings."""
@@ -510,18 +492,24 @@ class Generation:
         if rest:
             said.append(rest)
             yield rest
-        tk = self.tokens
+        tk, p = self.tokens, self.prepared
         finish = "stop" if stops.stopped else (tk.finish_reason or "length")
-        self.result = self.pipe.result(self.prepared, ids, finish, self.t_start, tk.prefill_seconds,
-                                       tk.first_token_at, tk.decode_seconds,
-                                       text="".join(said) if stops.stopped else None)
+        tm = replace(p.timings, load=self.pipe.load_seconds, prompt_eval=tk.prefill_seconds,
+                     prompt_eval_count=p.embeds.shape[1], eval=tk.decode_seconds, eval_count=len(ids),
+                     time_to_first_token=tk.first_token_at - self.t_start if tk.first_token_at else 0.0)
+        tm.total = time.perf_counter() - self.t_start
+        tm.backend = sum(b.total_inference_time for b in self.pipe.backends.values())
+        self.result = result_of(self.pipe, p, ids, finish, tm, text="".join(said) if stops.stopped else None)
 
 
-def result_of(pipe: Pipeline, prepared: Prepared, ids: list[int], finish_reason: str, timings: Timings) -> Result:
-    """The Result of an answer decoded outside Generation (runtime/slots.py), with the
-    fields Generation fills: the text, the router's choice and the given timings."""
+def result_of(pipe: Pipeline, prepared: Prepared, ids: list[int], finish_reason: str, timings: Timings,
+              text: str | None = None) -> Result:
+    """The Result of an answer (Generation's, or one decoded in runtime/slots.py): the
+    text (`ids` decoded, or `text` when a stop sequence cut it), the router's choice and
+    the given timings."""
     p, probs = prepared, prepared.router_probs
-    return Result(text=pipe.tokenizer.decode(ids).strip(), token_ids=list(ids), granularity=p.granularity,
+    return Result(text=(pipe.tokenizer.decode(ids) if text is None else text).strip(), token_ids=list(ids),
+                  granularity=p.granularity,
                   router_logits=None if p.router_logits is None else [float(x) for x in p.router_logits],
                   router_probs=None if probs is None else [float(x) for x in probs],
                   visual_tokens=p.visual_tokens, visual_tokens_full=p.visual_tokens_full,

@@ -3,10 +3,11 @@ requests into decode slots between steps, decodes all active slots together and 
 request at the next step once its client has gone.
 
 The server is its consumer (llama-server's slots); the Pipeline stays a plain, single-
-caller object.  `parallel` 1 decodes one request at a time on any build (`SerialSlots`);
-more slots need a decoder that batches (`runtime.slots.DecodeSlots`).  Follow-up
-questions about the same image reuse its vision features (and the router's image part)
-through a small cache keyed by the image's content.
+caller object.  The slots are `runtime.slots.DecodeSlots`: one works with any build, more
+need a decoder that batches.  A new request's vision, router and prefill run between two
+decode steps of the others (no chunked prefill).  Follow-up questions about the same
+image reuse its vision features (and the router's image part) through a small cache
+keyed by the image's content.
 
 Events reach a request's `on_event` from the worker thread, in order:
 ("piece", str)* then exactly one of ("done", Result) / ("error", exception).
@@ -14,79 +15,17 @@ Events reach a request's `on_event` from the worker thread, in order:
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from avg_edge.errors import Busy, Cancelled, InputError
-from avg_edge.runtime.pipeline import EncodedImage, Pipeline, Prepared, TokenStream
+from avg_edge.runtime.pipeline import EncodedImage, Pipeline, Prepared
 from avg_edge.runtime.sampling import SamplingParams
+from avg_edge.runtime.slots import DecodeSlots, SlotEvent
 from avg_edge.runtime.text import StopText, TextStream
-
-log = logging.getLogger("avg_edge")
-
-
-@dataclass(frozen=True)
-class SlotEvent:
-    """What one decode step did for one slot: a token, or the end ("stop" / "length")."""
-
-    slot: int
-    token: int | None
-    finish_reason: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass(frozen=True)
-class SlotTimes:
-    prefill_seconds: float
-    first_token_at: float              # perf_counter() when the first token was known (0: none)
-    decode_seconds: float
-
-
-class SerialSlots:
-    """One decode slot over `Pipeline.decode`: works with every build (concat or in-place
-    cache, ONNX Runtime or TensorRT).  The prefill runs at the first step."""
-
-    def __init__(self, pipe: Pipeline) -> None:
-        self.pipe = pipe
-        self._stream: TokenStream | None = None
-
-    @property
-    def free(self) -> int:
-        return 0 if self._stream is not None else 1
-
-    def admit(self, prepared: Prepared, max_new_tokens: int, sampling: SamplingParams) -> int:
-        if self._stream is not None:
-            raise Busy("no free decode slot")
-        self._stream = self.pipe.decode(prepared, max_new_tokens, sampling)
-        return 0
-
-    def step(self) -> list[SlotEvent]:
-        ts = self._stream
-        if ts is None:
-            return []
-        for token in ts:
-            return [SlotEvent(0, token)]
-        return [SlotEvent(0, None, ts.finish_reason or "length")]
-
-    def times(self, slot: int) -> SlotTimes:
-        ts = self._stream
-        return SlotTimes(ts.prefill_seconds, ts.first_token_at, ts.decode_seconds) if ts else SlotTimes(0, 0, 0)
-
-    def release(self, slot: int) -> None:
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
-
-    def close(self) -> None:
-        self.release(0)
-
 
 @dataclass(frozen=True)
 class Request:
@@ -152,12 +91,7 @@ class Scheduler:
         if isinstance(image_cache, bool) or not isinstance(image_cache, int) or image_cache < 0:
             raise InputError(f"image cache: expected a non-negative number of images, got {image_cache!r}")
         self.pipe, self.parallel, self.image_cache_size = pipe, parallel, image_cache
-        if parallel == 1:
-            self.slots: Any = SerialSlots(pipe)
-        else:
-            from avg_edge.runtime.slots import DecodeSlots
-
-            self.slots = DecodeSlots(pipe, parallel)
+        self.slots = DecodeSlots(pipe, parallel)
         self._images: OrderedDict[str, EncodedImage] = OrderedDict()
         self._pending: deque[Job] = deque()
         self._active: dict[int, _Active] = {}
@@ -206,7 +140,7 @@ class Scheduler:
                     self._cond.wait()
                 if self._closed:
                     break
-                admit = [self._pending.popleft() for _ in range(min(len(self._pending), self.slots.free))]
+                admit = [self._pending.popleft() for _ in range(min(len(self._pending), len(self.slots.free)))]
             for job in admit:
                 self._admit(job)
             self._drop_cancelled()
@@ -230,18 +164,16 @@ class Scheduler:
             job.on_event("error", Cancelled("the client went away before its request started"))
             return
         r = job.request
-        if self.parallel == 1:              # one request at a time: every backend call is this job's
-            for b in self.pipe.backends.values():
-                b.total_inference_time = 0.0
         try:
             image = self._encoded(r) if r.image is not None else None
             prepared = self.pipe.prepare(image, r.question, r.granularity, r.max_visual_tokens, history=r.history,
                                          system=r.system, image_turn=r.image_turn)
-            slot = self.slots.admit(prepared, r.max_new_tokens, r.sampling)
+            first = self.slots.admit(prepared, r.max_new_tokens, r.sampling, t_start=job.t_start)
         except Exception as e:  # noqa: BLE001 - reported to the request's client
             job.on_event("error", e)
             return
-        self._active[slot] = _Active(job, prepared, self.pipe)
+        self._active[first.slot] = _Active(job, prepared, self.pipe)
+        self._deliver(first)
 
     def _encoded(self, r: Request) -> EncodedImage:
         key = r.image_key
@@ -273,17 +205,17 @@ class Scheduler:
             return
         if ev.token is not None:
             a.push(ev.token)
-        if ev.finished or a.stops.stopped:
-            a.flush()
-            times = self.slots.times(ev.slot)
-            self.slots.release(ev.slot)
-            del self._active[ev.slot]
-            finish = "stop" if a.stops.stopped else ev.finish_reason
-            result = self.pipe.result(a.prepared, a.ids, finish, a.job.t_start, times.prefill_seconds,
-                                      times.first_token_at, times.decode_seconds,
-                                      text="".join(a.said) if a.stops.stopped else None)
-            self.completed += 1
-            a.job.on_event("done", result)
+        if not ev.finished and not a.stops.stopped:
+            return
+        a.flush()
+        if not ev.finished:                  # a stop sequence in the text: end it here
+            ev = self.slots.stop(ev.slot)
+        del self._active[ev.slot]
+        result = ev.result
+        if a.stops.stopped:
+            result = replace(result, text="".join(a.said).strip(), finish_reason="stop")
+        self.completed += 1
+        a.job.on_event("done", result)
 
     def _fail(self, slot: int, e: BaseException) -> None:
         a = self._active.pop(slot)
@@ -298,4 +230,4 @@ def cache_key(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-__all__ = ["Scheduler", "Request", "Job", "SerialSlots", "SlotEvent", "SlotTimes", "cache_key"]
+__all__ = ["Scheduler", "Request", "Job", "cache_key"]

@@ -176,6 +176,14 @@ class DecodeSlots:
             events.append(self._advance(s, req, next_token(logits[s, -1], req.sampling, req.rng)))
         return events
 
+    def stop(self, slot: int) -> SlotEvent:
+        """End `slot`'s request now as finished with reason "stop" (the caller found a stop
+        sequence in its text), with its Result; between calls."""
+        req = self._requests.get(int(slot)) if isinstance(slot, (int, np.integer)) and not isinstance(slot, bool) else None
+        if req is None:
+            raise InputError(f"slot: expected an active slot {list(self.active)}, got {slot!r}")
+        return self._finish(int(slot), req, None, "stop")
+
     def release(self, slot: int) -> None:
         """Free `slot` now (a cancelled request; between calls).  Releasing a free slot
         does nothing (a request may finish as its client goes away)."""

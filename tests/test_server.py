@@ -488,3 +488,27 @@ def test_bounded_load(tiny_build, expected):
         assert "Traceback" not in s.log()
     finally:
         s.stop()
+
+
+def test_parallel_slots_answer_like_the_runtime(tiny_build, tiny_concat_build, pipe):
+    """--parallel 4: four concurrent clients with different images and questions, each
+    answer equal to Pipeline.generate's alone; a concat-cache build refuses --parallel 4."""
+    cases = [(_png(seed=s), q, n) for s, q, n in [(1, QUESTION, 9), (2, "What shape is it?", 5),
+                                                    (3, QUESTION, 12), (4, "Is there text?", 7)]]
+    want = [pipe.generate(img, q, max_new_tokens=n) for img, q, n in cases]
+    s = Server(tiny_build[0], "--parallel", "4")
+    try:
+        assert s.health()["parallel"] == 4
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            got = list(pool.map(lambda c: s.post({"max_tokens": c[2], "messages": _messages(c[0], c[1])}).json(),
+                                cases))
+        for d, w in zip(got, want):
+            assert d["choices"][0]["message"]["content"] == w.text and d["usage"]["completion_tokens"] == len(w.token_ids)
+            assert d["avg_edge"]["granularity"] == w.granularity
+        assert s.settled()["completed"] == 4
+    finally:
+        s.stop()
+    r = subprocess.run([sys.executable, "-c", "from avg_edge.cli import serve_main; serve_main()", "-m",
+                        str(tiny_concat_build), "--parallel", "4", "--port", str(_free_port())],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "needs a build whose decoder batches" in r.stderr and "Traceback" not in r.stderr
