@@ -172,13 +172,15 @@ def _type_word(kind: type | tuple[type, ...]) -> str:
 
 
 def inside(folder: Path, name: Any, what: str, error: type[AvgEdgeError] = BuildFolderError,
-           hint: str = REBUILD) -> Path:
-    """folder / name, refusing names that leave the folder (absolute, '..', links) with
-    `error` (a build folder's or a checkpoint's) naming `what` and the name."""
+           hint: str = REBUILD, links_out: bool = False) -> Path:
+    """folder / name, refusing names that leave the folder (absolute, '..') and, unless
+    `links_out`, links that lead out of it, with `error` (a build folder's or a
+    checkpoint's) naming `what` and the name.  Checkpoints pass links_out: the Hugging
+    Face cache and editable installs link their files from elsewhere."""
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise error(f"{folder}: {what}: expected a file name inside the folder, got {name!r}; {hint}")
     path = folder / name
-    if not path.resolve().is_relative_to(folder.resolve()):
+    if not links_out and not path.resolve().is_relative_to(folder.resolve()):
         raise error(f"{folder}: {what}: expected a file inside the folder, got {name!r}, which leads outside it; {hint}")
     return path
 
