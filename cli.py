@@ -129,7 +129,8 @@ def build_cmd(
 
     check_range("--calib-samples", calib_samples, 1)
     check_range("--eval-samples", eval_samples, 1)
-    check_range("--max-accuracy-drop", max_accuracy_drop, 0, kind="a number of points")
+    if not math.isfinite(max_accuracy_drop):      # negative is fine: it asks for a gain
+        raise UsageError(f"--max-accuracy-drop: expected a finite number of points, got {max_accuracy_drop}")
     check_range("--int4-block-size", int4_block, 1)
 
     p = precision_info(precision)

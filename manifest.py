@@ -5,15 +5,18 @@ place).  Part of the build-folder contract; torch-free (the runtime reads it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from avg_edge import constants as C
 from avg_edge.errors import AvgEdgeError, BuildFolderError, UsageError
@@ -169,13 +172,15 @@ def _type_word(kind: type | tuple[type, ...]) -> str:
 
 
 def inside(folder: Path, name: Any, what: str, error: type[AvgEdgeError] = BuildFolderError,
-           hint: str = REBUILD) -> Path:
-    """folder / name, refusing names that leave the folder (absolute, '..', links) with
-    `error` (a build folder's or a checkpoint's) naming `what` and the name."""
+           hint: str = REBUILD, links_out: bool = False) -> Path:
+    """folder / name, refusing names that leave the folder (absolute, '..') and, unless
+    `links_out`, links that lead out of it, with `error` (a build folder's or a
+    checkpoint's) naming `what` and the name.  Checkpoints pass links_out: the Hugging
+    Face cache and editable installs link their files from elsewhere."""
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise error(f"{folder}: {what}: expected a file name inside the folder, got {name!r}; {hint}")
     path = folder / name
-    if not path.resolve().is_relative_to(folder.resolve()):
+    if not links_out and not path.resolve().is_relative_to(folder.resolve()):
         raise error(f"{folder}: {what}: expected a file inside the folder, got {name!r}, which leads outside it; {hint}")
     return path
 
@@ -250,6 +255,26 @@ def remove_leftovers(parent: Path) -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
+def signals_wait() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block are raised again after it, to the
+    handlers that were in place (Python runs signal handlers in the main thread only, so
+    elsewhere there is nothing to hold)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
+
+
 class BuildCommit:
     """Write a build folder atomically.
 
@@ -257,9 +282,11 @@ class BuildCommit:
             ... write files into commit.folder ...
             commit.finish(manifest)             # sha256 of every file, manifest last, rename
 
-    Leaving the block without `finish` (an error, Ctrl-C) removes the hidden folder and
-    leaves `out` as it was; a killed process leaves the hidden folder, which the next
-    build into the same parent removes.  `start_from` copies an existing build first
+    Leaving the block without `finish` (an error, Ctrl-C, SIGTERM) removes the hidden
+    folder and leaves `out` as it was; a killed process (SIGKILL) leaves the hidden folder,
+    which the next build into the same parent removes.  SIGTERM is turned into
+    KeyboardInterrupt inside the block (when Python's default handler is in place and
+    this is the main thread), so `kill PID` cleans up as Ctrl-C does.  `start_from` copies an existing build first
     (realign, engines) as hard links (files are replaced, never edited in place, so the
     old build is unaffected; a 14 GB build is not copied).  `scratch()` gives a second
     hidden folder removed at the end."""
@@ -271,8 +298,10 @@ class BuildCommit:
         self._scratch = self.parent / f".{self.out.name}.work-{os.getpid()}"
         self.start_from = Path(start_from) if start_from is not None else None
         self.finished = False
+        self._previous_sigterm: Any = None
 
     def __enter__(self) -> "BuildCommit":
+        self._catch_sigterm()
         try:
             self.parent.mkdir(parents=True, exist_ok=True)
             remove_leftovers(self.parent)
@@ -284,8 +313,24 @@ class BuildCommit:
                 self.folder.mkdir()
         except OSError as e:
             shutil.rmtree(self.folder, ignore_errors=True)
+            self._restore_sigterm()
             raise UsageError(f"cannot write the output {self.out}: {e.strerror or e}") from e
         return self
+
+    def _catch_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+
+        def terminated(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+        self._previous_sigterm = signal.signal(signal.SIGTERM, terminated)
+
+    def _restore_sigterm(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
     def scratch(self) -> Path:
         self._scratch.mkdir(exist_ok=True)
@@ -297,16 +342,22 @@ class BuildCommit:
         if manifest is not None:
             manifest.record_files(self.folder)
             (self.folder / C.MANIFEST_FILE).write_text(manifest.to_json())
-        if self.out.exists():
-            old = self.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.rename(self.out, old)
-            os.rename(self.folder, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.folder, self.out)
-        self.finished = True
+        with signals_wait():     # Ctrl-C or SIGTERM between the two renames would leave no `out`
+            if self.out.exists():
+                old = self.parent / f".{self.out.name}.old-{os.getpid()}"
+                os.rename(self.out, old)
+                os.rename(self.folder, self.out)
+            else:
+                os.rename(self.folder, self.out)
+                old = None
+            self.finished = True
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
 
     def __exit__(self, *exc: Any) -> None:
-        shutil.rmtree(self._scratch, ignore_errors=True)
-        if not self.finished:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            if not self.finished:
+                shutil.rmtree(self.folder, ignore_errors=True)
+        finally:
+            self._restore_sigterm()

@@ -21,6 +21,7 @@ from typing import Any
 from avg_edge import specs as S
 from avg_edge import validation as V
 from avg_edge.errors import AvgEdgeError, CATEGORIES, category_of, one_line
+from avg_edge.manifest import signals_wait
 
 # Module-name prefixes of the weights each graph reads.
 GRAPH_WEIGHTS = {
@@ -123,17 +124,19 @@ def run_in_child(job: GraphJob) -> JobResult:
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_run, args=(job, send), name=f"avg-export-{job.graph}")
-    proc.start()
-    send.close()
     try:
+        with signals_wait():    # Ctrl-C or SIGTERM mid-spawn: a child reading half its arguments
+            proc.start()
+        send.close()
         kind, payload = recv.recv()
     except EOFError:
         proc.join()
         hint = " (killed: out of memory?)" if proc.exitcode in (-signal.SIGKILL, 137) else ""
         raise GraphJobError(f"exporting {job.graph} stopped with exit code {proc.exitcode}{hint}", "failed") from None
     except BaseException:
-        proc.kill()
-        proc.join()
+        if proc.pid is not None:
+            proc.kill()
+            proc.join()
         raise
     proc.join()
     if kind == "ok":

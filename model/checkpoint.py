@@ -91,7 +91,7 @@ def _shard_map(folder: Path) -> dict[str, Path]:
         for name, shard in weight_map.items():
             if shard not in shards:
                 shards[shard] = inside(folder, shard, f"{C.SAFETENSORS_INDEX_FILE} weight_map[{name!r}]",
-                                       CheckpointError, "copy the whole checkpoint folder")
+                                       CheckpointError, "copy the whole checkpoint folder", links_out=True)
         missing = sorted(s for s, p in shards.items() if not p.is_file())
         if missing:
             raise CheckpointError(

@@ -95,12 +95,13 @@ class GraphModel:
         self.pb = pb
 
     def initialize(self, args: dict) -> None:
+        from avg_edge.manifest import inside
         from avg_edge.runtime.backends.ort_backend import OrtBackend
 
         config = json.loads(args["model_config"])
         folder = Path(args["model_repository"]) / args["model_version"]
         spec = GraphSpec.from_dict(json.loads(_parameter(config, "avg_edge_spec")))
-        self.backend = OrtBackend(spec, folder / spec.file, threads=int(_parameter(config, "threads") or 0))
+        self.backend = OrtBackend(spec, inside(folder, spec.file, "config.pbtxt avg_edge_spec file"), threads=int(_parameter(config, "threads") or 0))
 
     def execute(self, requests: list) -> list:
         pb, spec = self.pb, self.backend.spec
