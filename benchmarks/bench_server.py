@@ -7,9 +7,11 @@ four requests in one batched decoder call), in one run.
 
 Each configuration is a real `avg-serve` on loopback with the vision cache off
 (--image-cache 0: every request runs vision), fed by N client threads that each send
---requests non-streaming greedy requests with different images.  The tiny random model
-never says </s>, so each answer is exactly --max-tokens tokens; the demo answers in a few
-tokens, so there vision, router and prefill dominate.  Builds are made in a temporary
+--requests non-streaming greedy requests.  The tiny random model never says </s>, so each
+answer is exactly --max-tokens tokens; it is run with text-only requests (prefill and
+decode only: what slots batch) and with a different image per request (vision runs per
+request, one at a time, and costs the tiny model more than its 32 decode steps).  The
+demo answers in a few tokens, so there vision, router and prefill dominate.  Builds are made in a temporary
 folder (the decoder's batch axis needs a build of this version).  Prints a markdown table
 and, per client count, tokens/s at --parallel 4 over --parallel 1.
 """
@@ -64,14 +66,18 @@ def _serve(build: Path, parallel: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"avg-serve did not start for {build}")
 
 
-def _load(base: str, clients: int, requests: int, urls: list[str], question: str, max_tokens: int):
+def _load(base: str, clients: int, requests: int, urls: list[str] | None, question: str, max_tokens: int):
+    """`urls` None: text-only requests (no vision, no router: only prefill and decode)."""
     def client(c: int) -> tuple[int, int]:
         done = tokens = 0
         with httpx.Client(timeout=600) as http:
             for k in range(requests):
-                url = urls[(c * requests + k) % len(urls)]
-                body = {"max_tokens": max_tokens, "messages": [{"role": "user", "content": [
-                    {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]}]}
+                if urls is None:
+                    content: object = f"{question} ({c}, {k})"
+                else:
+                    url = urls[(c * requests + k) % len(urls)]
+                    content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]
+                body = {"max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}
                 r = http.post(base + "/v1/chat/completions", json=body)
                 r.raise_for_status()
                 tokens += r.json()["usage"]["completion_tokens"]
@@ -108,6 +114,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--parallel", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--tiny-workloads", nargs="+", default=["text", "image"], choices=["text", "image"],
+                    help="the tiny model's requests: text-only (decode-bound) and/or with an image (vision-bound)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="avg-bench-server-"))
@@ -115,29 +123,32 @@ def main() -> None:
     urls = _image_urls(8)
     questions = {"tiny": "What colour is the background?", "demo": "What colour is the background?"}
     rows, tok_s = [], {}
-    for name, folder in builds.items():
+    runs = [(name, w) for name in builds for w in (args.tiny_workloads if name == "tiny" else ["image"])]
+    for name, workload in runs:
         for parallel in args.parallel:
-            proc, base = _serve(folder, parallel)
+            proc, base = _serve(builds[name], parallel)
             try:
-                _load(base, 1, 1, urls, questions[name], args.max_tokens)          # warm-up
+                use = None if workload == "text" else urls
+                _load(base, 1, 1, use, questions[name], args.max_tokens)            # warm-up
                 for clients in args.clients:
-                    rps, tps, per = _load(base, clients, args.requests, urls, questions[name], args.max_tokens)
-                    tok_s[(name, parallel, clients)] = tps
-                    rows.append(f"| {name} | {parallel} | {clients} | {rps:.2f} | {tps:.1f} | {per:.1f} |")
+                    rps, tps, per = _load(base, clients, args.requests, use, questions[name], args.max_tokens)
+                    tok_s[(name, workload, parallel, clients)] = tps
+                    rows.append(f"| {name} | {workload} | {parallel} | {clients} | {rps:.2f} | {tps:.1f} | {per:.1f} |")
                     print(rows[-1], file=sys.stderr, flush=True)
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-    print("| model | --parallel | clients | requests/s | tokens/s | tokens/answer |")
-    print("|---|---|---|---|---|---|")
+    print("| model | requests | --parallel | clients | requests/s | tokens/s | tokens/answer |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     lo, hi = min(args.parallel), max(args.parallel)
     if lo != hi:
         print()
-        for name in builds:
-            ratios = ", ".join(f"{c} client{'s' if c > 1 else ''} {tok_s[(name, hi, c)] / tok_s[(name, lo, c)]:.2f}x"
+        for name, workload in runs:
+            ratios = ", ".join(f"{c} client{'s' if c > 1 else ''} "
+                               f"{tok_s[(name, workload, hi, c)] / tok_s[(name, workload, lo, c)]:.2f}x"
                                for c in args.clients)
-            print(f"{name}: tokens/s at --parallel {hi} over --parallel {lo}: {ratios}")
+            print(f"{name} ({workload}): tokens/s at --parallel {hi} over --parallel {lo}: {ratios}")
 
 
 if __name__ == "__main__":

@@ -182,6 +182,7 @@ class Scheduler:
             if hit is not None:
                 self._images.move_to_end(key)
                 self.image_cache_hits += 1
+                hit.preprocess_seconds = hit.vision_seconds = 0.0     # this request ran neither
                 return hit
         enc = self.pipe.encode_image(r.image)
         if key is not None and self.image_cache_size:

@@ -407,13 +407,16 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
             if message["type"] == "http.disconnect":
                 return
 
-    def submit(req: Request) -> tuple[Job, "asyncio.Queue[tuple[str, Any]]"]:
+    def submit(req: Request, stream: bool) -> tuple[Job, "asyncio.Queue[tuple[str, Any]]"]:
         """Hand a request to the scheduler; its admission slot is freed by its last event
-        (done, error, or the cancellation a disconnect causes), whoever listens."""
+        (done, error, or the cancellation a disconnect causes), whoever listens.  Text
+        pieces cross to the event loop only for a stream."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def on_event(kind: str, value: Any) -> None:          # worker thread
+            if kind == "piece" and not stream:
+                return
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
             if kind != "piece":
                 loop.call_soon_threadsafe(gate.leave)
@@ -432,28 +435,25 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
             parsed = parse_request(await off_loop(parse_json, raw), opts)
             image, key = await image_for(parsed)
             req = to_request(parsed, image, key)
-            job, events = submit(req)
+            job, events = submit(req, parsed.stream)
             submitted = True
             cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
             watcher = asyncio.ensure_future(until_disconnect(request))
             first = asyncio.ensure_future(events.get())
             await asyncio.wait({first, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not first.done():                                  # gone before the first token
+            watcher_done = not first.done()
+            watcher.cancel()
+            if watcher_done:                  # gone before the answer (or a stream's first token)
                 first.cancel()
                 job.cancel()
-                log.info("client went away before its first token; request cancelled")
+                log.info("client went away after %d tokens; request cancelled", job.tokens)
                 return Response(status_code=499)
             kind, value = first.result()
-            if kind == "error":
-                watcher.cancel()
-                if isinstance(value, Cancelled):
-                    return Response(status_code=499)
-                return error(value)
-            if parsed.stream:                 # Starlette ends the stream when the client goes
-                watcher.cancel()
-                return StreamingResponse(sse((kind, value), events, job, parsed, cid, created),
-                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            return await collect((kind, value), events, job, watcher, cid, created)
+            if kind == "error" or not parsed.stream:     # an error gets its real status
+                return final((kind, value), cid, created)
+            # A stream's first event: Starlette ends the stream when the client goes.
+            return StreamingResponse(sse((kind, value), events, job, parsed, cid, created),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         except ClientDisconnect:
             log.info("client went away while sending its request")
             return Response(status_code=499)
@@ -465,20 +465,10 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
             if not submitted:
                 gate.leave()
 
-    async def collect(first, events, job: Job, watcher, cid: str, created: int) -> Response:
-        kind, value = first
-        while kind == "piece":
-            nxt = asyncio.ensure_future(events.get())
-            await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not nxt.done():
-                nxt.cancel()
-                job.cancel()
-                log.info("client went away after %d tokens; request cancelled", job.tokens)
-                return Response(status_code=499)
-            kind, value = nxt.result()
-        watcher.cancel()
+    def final(event: tuple[str, Any], cid: str, created: int) -> Response:
+        kind, value = event
         if kind == "error":
-            return error(value)
+            return Response(status_code=499) if isinstance(value, Cancelled) else error(value)
         return JSONResponse(completion_body(value, opts, cid, created))
 
     async def sse(first, events, job: Job, chat_req: ChatRequest, cid: str, created: int):

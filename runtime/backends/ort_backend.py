@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +82,23 @@ class OrtRows:
     stop: int
 
     def shape(self) -> list[int]:
-        return [self.stop - self.start, *self.buffer.shape()[1:]]
+        return list(self._shape)
 
-    @property
+    @cached_property                    # bound at every decode step: computed once per view
+    def _shape(self) -> tuple[int, ...]:
+        return (self.stop - self.start, *self.buffer.shape()[1:])
+
+    @cached_property
     def dtype(self) -> np.dtype:
         return np.dtype(_DTYPES[self.buffer.data_type()])
 
-    def data_ptr(self) -> int:
-        row = int(np.prod(self.buffer.shape()[1:], dtype=np.int64)) * self.dtype.itemsize
+    @cached_property
+    def _address(self) -> int:
+        row = int(np.prod(self._shape[1:], dtype=np.int64)) * self.dtype.itemsize
         return self.buffer.data_ptr() + self.start * row
+
+    def data_ptr(self) -> int:
+        return self._address
 
     def numpy(self) -> np.ndarray:
         """A host copy of the rows (tests, debugging)."""
