@@ -528,7 +528,9 @@ def _load_table(path: Path, mmap: bool) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise BuildFolderError(f"{path}: not a readable .npy table ({e}); rebuild with avg-export build") from e
+        # numpy's own text for an object array suggests loading with pickle: never done here.
+        why = "it holds Python objects, not numbers" if "allow_pickle" in str(e) else str(e)
+        raise BuildFolderError(f"{path}: not a readable .npy table ({why}); rebuild with avg-export build") from e
 
 
 __all__ = ["Pipeline", "Result", "Timings", "EncodedImage", "Prepared", "TokenStream", "Generation"]

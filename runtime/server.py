@@ -272,6 +272,17 @@ def decode_data_url(url: str) -> bytes:
         raise bad(f"image_url.url: invalid base64 ({e})", "image_url") from e
 
 
+async def bounded(chunks: Any, too_large: str, limit: int) -> bytes:
+    """Read an async byte stream, refusing (413) as soon as it passes `limit` bytes."""
+    got, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, too_large, code="too_large")
+        got.append(chunk)
+    return b"".join(got)
+
+
 def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
@@ -333,13 +344,7 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}", code="too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await bounded(request.stream(), f"request body exceeds the limit of {limit} bytes", limit)
 
     async def fetch(url: str) -> bytes:
         import httpx
@@ -350,13 +355,7 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
                 async with client.stream("GET", url) as r:
                     if r.status_code != 200:
                         raise bad(f"image_url.url: fetching it answered HTTP {r.status_code}", "image_url")
-                    chunks, size = [], 0
-                    async for chunk in r.aiter_bytes():
-                        size += len(chunk)
-                        if size > limit:
-                            raise ApiError(413, f"remote image larger than {limit} bytes", code="too_large")
-                        chunks.append(chunk)
-                    return b"".join(chunks)
+                    return await bounded(r.aiter_bytes(), f"remote image larger than {limit} bytes", limit)
         except httpx.HTTPError as e:
             raise bad(f"image_url.url: could not fetch ({type(e).__name__}: {e})", "image_url") from e
 

@@ -102,3 +102,21 @@ def capi(tmp_path_factory):
 def clean_env() -> dict[str, str]:
     """No PYTHONPATH, no virtualenv: the C library must find the package on its own."""
     return {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_build):
+    """The tiny build opened with ONNX Runtime (in-place cache, batch axis)."""
+    from avg_edge.runtime.pipeline import Pipeline
+
+    with Pipeline.load(tiny_build[0], backend="ort") as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def concat_pipe(tiny_concat_build):
+    """The tiny concat-cache build opened with ONNX Runtime."""
+    from avg_edge.runtime.pipeline import Pipeline
+
+    with Pipeline.load(tiny_concat_build, backend="ort") as p:
+        yield p

@@ -26,12 +26,6 @@ def _png(seed=2, w=300, h=200) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_build):
-    with Pipeline.load(tiny_build[0]) as p:
-        yield p
-
-
 @pytest.mark.parametrize("pieces,stops,said,stopped", [
     (["Hello wor", "ld. Bye"], ["world"], "Hello ", True),
     (["ab", "c", "d"], ["cd"], "ab", True),

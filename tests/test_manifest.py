@@ -125,6 +125,19 @@ def test_garbage_files_name_the_file(folder, name, garbage, expected):
     _fails(folder, f"checksum mismatch for ['{name}']", verify=True)
 
 
+def test_an_object_table_is_refused_without_suggesting_pickle(folder):
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (folder / C.IMAGE_NEWLINE_FILE).write_bytes(buf.getvalue())
+    with pytest.raises(Exception, match="holds Python objects") as e:
+        Pipeline.load(folder)
+    assert "pickle" not in str(e.value)
+
+
 def test_load_manifest_alone_checks_the_same(folder):
     _edit(folder, _set("engines", {"decoder": "/etc/hostname"}))
     with pytest.raises(BuildFolderError, match=r"manifest.json engines.decoder: expected a file name inside the folder, "

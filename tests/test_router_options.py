@@ -149,12 +149,6 @@ def test_router_check_fails_a_pinned_router_and_one_that_ignores_the_question():
 
 
 # -- the visual-token budget ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pipe(tiny_build):
-    with Pipeline.load(tiny_build[0], backend="ort") as p:
-        yield p
-
-
 def test_budget_picks_the_best_granularity_that_fits(pipe):
     img = textured_image(672, 672, seed=1)
     enc = pipe.encode_image(img)

@@ -17,16 +17,6 @@ QUESTIONS = ("What colour is the background?", "How many small dots are there?")
 SETTINGS = (None, 36, 72, 144, 288, 576)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_build):
-    return Pipeline.load(tiny_build[0], backend="ort")
-
-
-@pytest.fixture(scope="module")
-def concat_pipe(tiny_concat_build):
-    return Pipeline.load(tiny_concat_build, backend="ort")
-
-
 @pytest.mark.parametrize("kv_cache", ["inplace", "concat"])
 @pytest.mark.parametrize("image", sorted(IMAGES))
 def test_greedy_tokens_equal_the_reference(pipe, concat_pipe, tiny_model, image, kv_cache):

@@ -104,11 +104,6 @@ def server(tiny_build):
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_build):
-    return Pipeline.load(tiny_build[0])
-
-
-@pytest.fixture(scope="module")
 def expected(pipe):
     return pipe.generate(_png(), QUESTION, max_new_tokens=6)
 

@@ -28,16 +28,6 @@ REQUESTS = (
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_build):
-    return Pipeline.load(tiny_build[0], backend="ort")
-
-
-@pytest.fixture(scope="module")
-def concat_pipe(tiny_concat_build):
-    return Pipeline.load(tiny_concat_build, backend="ort")
-
-
-@pytest.fixture(scope="module")
 def prepared(pipe):
     return [pipe.prepare(textured_image(*size, seed=seed), q, g) for size, seed, q, g, _ in REQUESTS]
 
