@@ -113,7 +113,7 @@ def build_cmd(
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Decoder context (default: the model's)."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the precision's; TensorRT 10.3 parses 9..20)."),
     kv_cache: str = typer.Option("auto", "--kv-cache", help="inplace: the decoder writes into one cache buffer (ONNX Runtime's GroupQueryAttention); concat: it returns past + new (TensorRT too); auto: inplace unless TensorRT engines are built or the build is quantized."),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", help=f"Most requests one decode step takes (avg-serve --parallel); in-place KV cache only (default {C.DEFAULT_MAX_BATCH}; concat: 1)."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help=f"Most requests one decode step takes (avg-serve --parallel); in-place KV cache only. Default: up to {C.DEFAULT_MAX_BATCH} while the batch's whole-context KV cache stays within 1 GiB (a 7B fp16 build at 4096 tokens: 1), as validation holds several copies of it; concat: 1."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the check against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Replace an existing build folder."),
     calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="int8/int4: .jsonl or folder of image+question pairs (default: the demo's calib split)."),

@@ -31,6 +31,11 @@ from avg_edge.runtime.phases import GIB, Phases, release_memory
 
 BACKENDS = ("auto", "ort", "trt")
 MAX_BATCH_LIMIT = 64        # --max-batch: a sanity bound (each row is a whole context of cache)
+# The default --max-batch: up to C.DEFAULT_MAX_BATCH requests while their whole-context KV
+# cache stays within this.  Validation holds several copies of a batched point's cache
+# (the feeds, the reference's, ONNX Runtime's): a 7B fp16 build at 4096 tokens (2 GiB of
+# cache a request) keeps batch 1, as its measured peak memory has no room for more.
+BATCH_CACHE_BUDGET = 1024**3
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -47,15 +52,14 @@ class BuildOptions:
     force: bool = False
     timing_cache: Path | None = None
     kv_cache: str = "auto"                   # auto | concat | inplace (see resolved_kv_cache)
-    max_batch: int | None = None             # requests per decode step (in place only); None: C.DEFAULT_MAX_BATCH
+    max_batch: int | None = None             # requests per decode step (in place only); None: auto_max_batch
 
-    @property
-    def resolved_max_batch(self) -> int:
+    def resolved_max_batch(self, cache_bytes_per_request: int) -> int:
         """The decoder's batch bound: 1 for the concat cache (TensorRT, quantized builds),
-        else --max-batch or the default."""
+        else --max-batch, else `auto_max_batch`."""
         if self.resolved_kv_cache == "concat":
             return 1
-        return C.DEFAULT_MAX_BATCH if self.max_batch is None else self.max_batch
+        return auto_max_batch(cache_bytes_per_request) if self.max_batch is None else self.max_batch
 
     @property
     def precision_info(self) -> Precision:
@@ -146,6 +150,19 @@ def check_output(out: Path, force: bool) -> None:
         raise UsageError(f"cannot write the output {out}: {nearest} is not writable")
 
 
+def auto_max_batch(cache_bytes_per_request: int) -> int:
+    """The default --max-batch: as many requests as fit BATCH_CACHE_BUDGET of whole-context
+    KV cache, at most C.DEFAULT_MAX_BATCH, at least 1."""
+    return max(1, min(C.DEFAULT_MAX_BATCH, BATCH_CACHE_BUDGET // max(cache_bytes_per_request, 1)))
+
+
+def cache_bytes(config, max_context: int | None, precision_name: str) -> int:
+    """One request's whole-context KV cache: layers x (key, value) x KV heads x context x head dim."""
+    t = config.text
+    itemsize = np.dtype(precision(precision_name).float_dtype).itemsize
+    return t.num_hidden_layers * 2 * t.num_key_value_heads * (max_context or t.max_position_embeddings) * t.head_dim * itemsize
+
+
 def bounds_for(config, max_crops: int | None, max_context: int | None, max_batch: int = C.DEFAULT_MAX_BATCH) -> S.Bounds:
     crop = config.crop_size
     fits = [(w, h) for w, h in config.pinpoints if 1 + (w // crop) * (h // crop) <= (max_crops or config.max_crops)]
@@ -203,7 +220,7 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print, phases: Phas
     out = Path(o.output)
     ph = phases if phases is not None else Phases(progress)
     config = AvgLlavaConfig.from_folder(o.model)
-    b = bounds_for(config, o.max_crops, o.max_context, o.resolved_max_batch)
+    b = bounds_for(config, o.max_crops, o.max_context, o.resolved_max_batch(cache_bytes(config, o.max_context, o.precision)))
     kv_cache = o.resolved_kv_cache
     specs = graph_specs(config, b, o.precision, kv_cache)
     ph.total = ph.count + 2 + len(specs) * (2 if o.validate else 1) + 2

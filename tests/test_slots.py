@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,3 +237,23 @@ def test_the_decoder_spec_batches_only_the_inplace_cache():
     inplace.check_inputs(feeds)
     with pytest.raises(InputError, match="a step of 9 requests, but the decoder takes 1..8"):
         roles.batch_step_feeds(np.zeros((9, 1, 64), np.float32), np.zeros(9), roles.new_cache(batch=8))
+
+
+@pytest.mark.parametrize("layers,context,precision,batch", [
+    (32, None, "fp16", 1),          # 7B at 4096 tokens: 2 GiB of cache a request, no room to validate more
+    (32, 1024, "fp16", 2),          # 0.5 GiB a request
+    (2, None, "fp16", 4),           # few layers: the default 4
+])
+def test_the_default_batch_bound_follows_the_cache_size(layers, context, precision, batch):
+    from avg_edge.export.exporter import BuildOptions, auto_max_batch, cache_bytes
+    from avg_edge.model.config import AvgLlavaConfig
+    from avg_edge.model.tiny import full_width_config
+
+    config = AvgLlavaConfig.from_dict(full_width_config("7b", layers))
+    per_request = cache_bytes(config, context, precision)
+    assert per_request == layers * 2 * 32 * (context or 4096) * 128 * 2
+    assert auto_max_batch(per_request) == batch
+    opts = BuildOptions(model=Path("m"), output=Path("o"), precision=precision)
+    assert opts.resolved_max_batch(per_request) == batch
+    assert BuildOptions(model=Path("m"), output=Path("o"), max_batch=3).resolved_max_batch(per_request) == 3
+    assert BuildOptions(model=Path("m"), output=Path("o"), kv_cache="concat").resolved_max_batch(per_request) == 1
