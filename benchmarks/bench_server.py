@@ -3,16 +3,17 @@
 four requests in one batched decoder call), in one run.
 
     python benchmarks/bench_server.py                 # the tiny model (32-token answers) and the demo
-    python benchmarks/bench_server.py --models tiny --requests 8
+    python benchmarks/bench_server.py --models tiny --tiny-workloads text --text-requests 200
 
 Each configuration is a real `avg-serve` on loopback with the vision cache off
-(--image-cache 0: every request runs vision), fed by N client threads that each send
---requests non-streaming greedy requests.  The tiny random model never says </s>, so each
-answer is exactly --max-tokens tokens; it is run with text-only requests (prefill and
+(--image-cache 0: every request runs vision), fed by N client threads (one keep-alive
+http.client connection each) that each send --text-requests text-only or --requests
+image requests, non-streaming and greedy.  The tiny random model rarely says </s>, so
+answers are --max-tokens tokens or nearly; it is run with text-only requests (prefill and
 decode only: what slots batch) and with a different image per request (vision runs per
 request, one at a time, and costs the tiny model more than its 32 decode steps).  The
-demo answers in a few tokens, so there vision, router and prefill dominate.  Builds are made in a temporary
-folder (the decoder's batch axis needs a build of this version).  Prints a markdown table
+demo answers in a few tokens, so there vision, router and prefill dominate.  Builds are
+made in a temporary folder (the decoder's batch axis needs a build of this version).  Prints a markdown table
 and, per client count, tokens/s at --parallel 4 over --parallel 1.
 """
 
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import io
+import json
 import socket
 import subprocess
 import sys
@@ -69,8 +72,12 @@ def _serve(build: Path, parallel: int) -> tuple[subprocess.Popen, str]:
 def _load(base: str, clients: int, requests: int, urls: list[str] | None, question: str, max_tokens: int):
     """`urls` None: text-only requests (no vision, no router: only prefill and decode)."""
     def client(c: int) -> tuple[int, int]:
+        # http.client, one keep-alive connection per client: a light client, so that the
+        # cores it shares with the server go to the server (httpx costs several times more).
+        host, port = base.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=600)
         done = tokens = 0
-        with httpx.Client(timeout=600) as http:
+        try:
             for k in range(requests):
                 if urls is None:
                     content: object = f"{question} ({c}, {k})"
@@ -78,10 +85,15 @@ def _load(base: str, clients: int, requests: int, urls: list[str] | None, questi
                     url = urls[(c * requests + k) % len(urls)]
                     content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]
                 body = {"max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}
-                r = http.post(base + "/v1/chat/completions", json=body)
-                r.raise_for_status()
-                tokens += r.json()["usage"]["completion_tokens"]
+                conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                data = json.loads(r.read())
+                if r.status != 200:
+                    raise SystemExit(f"HTTP {r.status}: {data}")
+                tokens += data["usage"]["completion_tokens"]
                 done += 1
+        finally:
+            conn.close()
         return done, tokens
 
     t0 = time.perf_counter()
@@ -110,7 +122,9 @@ def _builds(work: Path, models: list[str]) -> dict[str, Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny", "demo"], choices=["tiny", "demo"])
-    ap.add_argument("--requests", type=int, default=6, help="requests per client")
+    ap.add_argument("--requests", type=int, default=6, help="requests per client with an image")
+    ap.add_argument("--text-requests", type=int, default=80,
+                    help="requests per client, text-only (fast: more of them for a window of seconds)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--parallel", type=int, nargs="+", default=[1, 4])
@@ -131,7 +145,8 @@ def main() -> None:
                 use = None if workload == "text" else urls
                 _load(base, 1, 1, use, questions[name], args.max_tokens)            # warm-up
                 for clients in args.clients:
-                    rps, tps, per = _load(base, clients, args.requests, use, questions[name], args.max_tokens)
+                    n = args.text_requests if workload == "text" else args.requests
+                    rps, tps, per = _load(base, clients, n, use, questions[name], args.max_tokens)
                     tok_s[(name, workload, parallel, clients)] = tps
                     rows.append(f"| {name} | {workload} | {parallel} | {clients} | {rps:.2f} | {tps:.1f} | {per:.1f} |")
                     print(rows[-1], file=sys.stderr, flush=True)
