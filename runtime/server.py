@@ -28,7 +28,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from avg_edge.errors import AvgEdgeError, Busy, Cancelled, InputError, category_of, one_line
@@ -113,7 +113,6 @@ class ChatRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 SYSTEM_ROLES = ("system", "developer")       # "developer" is what newer OpenAI clients send
