@@ -112,7 +112,8 @@ def build_cmd(
     max_crops: Optional[int] = typer.Option(None, "--max-crops", help="Most crops per image the build accepts (default: the pinpoints' most)."),
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Decoder context (default: the model's)."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the precision's; TensorRT 10.3 parses 9..20)."),
-    kv_cache: str = typer.Option("auto", "--kv-cache", help="inplace: the decoder writes into one cache buffer (ONNX Runtime's GroupQueryAttention); concat: it returns past + new (TensorRT too); auto: inplace unless TensorRT engines are built or the build is quantized."),
+    kv_cache: str = typer.Option("auto", "--kv-cache", help="inplace: the decoder writes into one cache buffer; concat: it returns past + new (TensorRT 10.3+ too); auto: inplace unless TensorRT engines are built or the build is quantized."),
+    cache_op: str = typer.Option("auto", "--cache-op", help="The in-place cache's operators: gqa (ONNX Runtime's GroupQueryAttention, fastest there, ONNX Runtime only) or tensorscatter (standard opset-24 TensorScatter + Attention, which TensorRT 10.15+ runs in place; not JetPack 6.2's 10.3); auto: tensorscatter when engines are built here, else gqa."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help=f"Most requests one decode step takes (avg-serve --parallel); in-place KV cache only. Default: up to {C.DEFAULT_MAX_BATCH} while the batch's whole-context KV cache stays within 1 GiB (a 7B fp16 build at 4096 tokens: 1), as validation holds several copies of it; concat: 1."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the check against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Replace an existing build folder."),
@@ -145,7 +146,7 @@ def build_cmd(
     output = output or Path("builds") / f"{model.resolve().name}-{precision}"
     opts = BuildOptions(model=model, output=output, precision=precision, backend=backend, max_crops=max_crops,
                         max_context=max_context, opset=opset, validate=not no_validate, force=force, kv_cache=kv_cache,
-                        max_batch=max_batch)
+                        max_batch=max_batch, cache_op=cache_op)
     say = lambda line: err.print(line, markup=False)  # noqa: E731
     if p.quantizer is not None:
         from avg_edge.calibration.quantized_build import QuantOptions, build_quantized
@@ -258,7 +259,7 @@ def inspect_cmd(build_dir: Path = typer.Argument(..., help="A build folder."),
     from avg_edge.specs import DecoderRoles
 
     batch = DecoderRoles(m.spec("decoder")).max_batch if "decoder" in m.graphs else 1
-    out.print(f"granularities {m.granularities}; crop {m.crop_size}; pinpoints {m.pinpoints}; KV cache {m.kv_cache}; "
+    out.print(f"granularities {m.granularities}; crop {m.crop_size}; pinpoints {m.pinpoints}; KV cache {m.kv_cache}{f' ({m.in_place_op})' if m.in_place_op else ''}; "
               f"decode batch up to {batch}")
     out.print(f"tokens: bos {m.bos_token_id}, eos {m.eos_token_id}; chat template {m.chat_template.get('name')}")
     for name in m.graphs:

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from avg_edge import constants as C
 from avg_edge.errors import AvgEdgeError, BuildFolderError, UsageError
-from avg_edge.specs import DecoderRoles, GraphSpec
+from avg_edge.specs import CACHE_OPS, DecoderRoles, GraphSpec
 
 REBUILD = "rebuild with avg-export build"
 
@@ -43,7 +43,7 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "files": dict, "validation": dict, "tools": dict, "source": dict, "tensorrt": (dict, type(None)), "engines": dict,
     "quantization": (dict, type(None)), "drift": (dict, type(None)), "realign": (dict, type(None)), "phases": list,
-    "router": (dict, type(None)),
+    "router": (dict, type(None)), "cache_op": (str, type(None)),
 }
 
 
@@ -70,6 +70,7 @@ _VALUES: dict[str, tuple[Any, str]] = {
     "image_mean": (lambda v: len(v) == 3 and all(map(_finite, v)), "3 numbers"),
     "image_std": (lambda v: len(v) == 3 and all(_finite(x) and x > 0 for x in v), "3 positive numbers"),
     "files": (lambda v: all(isinstance(i, dict) for i in v.values()), "an object of {sha256, bytes} per file"),
+    "cache_op": (lambda v: v is None or v in CACHE_OPS, f"null or one of {list(CACHE_OPS)}"),
 }
 
 
@@ -104,6 +105,13 @@ class Manifest:
     # has_router: {"text_file": the per-token table, "text_candidates": k, "text_from": "prompt" | "question",
     #              "alignment": {"loss": "rglf", "token_cost": lambda, "by": "training" | "avg-export realign"}}
     router: dict[str, Any] | None = None
+    # kv_cache inplace: its operators, specs.CACHE_OPS (absent in builds before it: gqa)
+    cache_op: str | None = None
+
+    @property
+    def in_place_op(self) -> str | None:
+        """The in-place cache's operators, or None for a concat cache."""
+        return (self.cache_op or "gqa") if self.kv_cache == "inplace" else None
 
     def spec(self, graph: str) -> GraphSpec:
         if graph not in self.graphs:

@@ -31,6 +31,11 @@ ROUTER_IMAGE_VOTES, ROUTER_TEXT_DIRECTION = "router_image_votes", "router_text_d
 INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS, LOGIT_POSITIONS = "inputs_embeds", "attention_mask", "position_ids", "logit_positions"
 PAST_LENGTH = "past_length"          # in-place cache: how many cache rows are valid before this call
 KV_CACHES = ("concat", "inplace")
+# The in-place cache's operators (manifest cache_op): gqa, ONNX Runtime's
+# com.microsoft.GroupQueryAttention; tensorscatter, standard TensorScatter + Attention,
+# which exist from opset 24 and which TensorRT 10.15+ runs in place.
+CACHE_OPS = ("gqa", "tensorscatter")
+CACHE_OP_OPSET = {"tensorscatter": 24}
 PAST_KEY, PAST_VALUE, LOGITS, PRESENT_KEY, PRESENT_VALUE = "past_key", "past_value", "logits", "present_key", "present_value"
 
 

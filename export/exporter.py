@@ -53,6 +53,7 @@ class BuildOptions:
     timing_cache: Path | None = None
     kv_cache: str = "auto"                   # auto | concat | inplace (see resolved_kv_cache)
     max_batch: int | None = None             # requests per decode step (in place only); None: auto_max_batch
+    cache_op: str = "auto"                   # auto | gqa | tensorscatter: the in-place cache's operators
 
     def resolved_max_batch(self, cache_bytes_per_request: int) -> int:
         """The decoder's batch bound: 1 for the concat cache (TensorRT, quantized builds),
@@ -67,7 +68,27 @@ class BuildOptions:
 
     @property
     def resolved_opset(self) -> int:
+        if self.resolved_cache_op in S.CACHE_OP_OPSET:   # its operators exist from that opset on
+            return S.CACHE_OP_OPSET[self.resolved_cache_op]
         return self.precision_info.opset(self.opset)
+
+    @property
+    def resolved_cache_op(self) -> str | None:
+        """The in-place cache's operators (None for concat): gqa, ONNX Runtime's
+        GroupQueryAttention (attends over the valid rows only; ONNX Runtime only), or
+        tensorscatter, standard opset-24 TensorScatter + Attention, which TensorRT 10.15+
+        runs in place.  auto: tensorscatter when this build makes engines, else gqa."""
+        if self.resolved_kv_cache == "concat":
+            return None
+        if self.cache_op != "auto":
+            return self.cache_op
+        if self.backend == "trt":
+            return "tensorscatter"
+        if self.backend == "auto":
+            from avg_edge.runtime.backends.trt_backend import usable
+
+            return "tensorscatter" if usable() else "gqa"
+        return "gqa"
 
     @property
     def resolved_kv_cache(self) -> str:
@@ -111,9 +132,24 @@ def check_options(o: BuildOptions) -> None:
     if o.backend not in BACKENDS:
         hint = " ('onnx' is now called 'ort')" if o.backend == "onnx" else ""
         raise UsageError(f"--backend: expected one of {list(BACKENDS)}, got {o.backend!r}{hint}")
-    p.opset(o.opset)
     if o.kv_cache not in ("auto", *S.KV_CACHES):
         raise UsageError(f"--kv-cache: expected auto, concat or inplace, got {o.kv_cache!r}")
+    if o.cache_op not in ("auto", *S.CACHE_OPS):
+        raise UsageError(f"--cache-op: expected auto, {' or '.join(S.CACHE_OPS)}, got {o.cache_op!r}")
+    if o.cache_op != "auto" and o.resolved_kv_cache == "concat":
+        raise UsageError(f"--cache-op {o.cache_op}: it chooses the in-place cache's operators, and this build's cache is "
+                         f"concat ({'--kv-cache concat' if o.kv_cache == 'concat' else 'chosen by --kv-cache auto'}); "
+                         "add --kv-cache inplace")
+    if o.resolved_cache_op in S.CACHE_OP_OPSET:
+        need = S.CACHE_OP_OPSET[o.resolved_cache_op]
+        if p.quantizer is not None:
+            raise UsageError(f"--cache-op {o.resolved_cache_op} needs opset {need}, and {o.precision} builds use opsets "
+                             f"{p.opsets.start}..{p.opsets.stop - 1}; use --cache-op gqa or --kv-cache concat")
+        if o.opset is not None and o.opset != need:
+            raise UsageError(f"--opset {o.opset}: --cache-op {o.resolved_cache_op} builds use opset {need} "
+                             "(TensorScatter and Attention); drop --opset")
+    else:
+        p.opset(o.opset)
     if o.max_batch is not None and (isinstance(o.max_batch, bool) or not isinstance(o.max_batch, int)
                                     or not 1 <= o.max_batch <= MAX_BATCH_LIMIT):
         raise UsageError(f"--max-batch: expected 1..{MAX_BATCH_LIMIT} requests per decode step, got {o.max_batch!r}")
@@ -121,9 +157,9 @@ def check_options(o: BuildOptions) -> None:
         raise UsageError(f"--max-batch {o.max_batch}: only the in-place KV cache batches requests, and this build's is "
                          f"concat ({'--kv-cache concat' if o.kv_cache == 'concat' else 'chosen by --kv-cache auto'}); "
                          "add --kv-cache inplace (ONNX Runtime only), or drop --max-batch")
-    if o.kv_cache == "inplace" and o.backend == "trt":
-        raise UsageError("--kv-cache inplace uses ONNX Runtime's GroupQueryAttention, which TensorRT cannot parse; "
-                         "use --kv-cache concat (or auto) for engines")
+    if o.resolved_cache_op == "gqa" and o.backend == "trt":
+        raise UsageError("--cache-op gqa uses ONNX Runtime's GroupQueryAttention, which TensorRT cannot parse; "
+                         "use --cache-op tensorscatter (TensorRT 10.15+) or --kv-cache concat for engines")
     if not Path(o.model).is_dir():
         raise UsageError(f"model folder not found: {o.model} (expected a local checkpoint folder with config.json)")
     check_output(Path(o.output), o.force)
@@ -244,7 +280,8 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print, phases: Phas
                                              if o.validate else "")
             with ph.phase(what) as detail:
                 job = GraphJob(str(o.model), name, spec.to_dict(), str(tmp), opset, p.float_dtype,
-                               [asdict(pt) for pt in points[name]] if o.validate else [])
+                               [asdict(pt) for pt in points[name]] if o.validate else [],
+                               o.resolved_cache_op or "gqa")
                 result = run_in_child(job)
                 ph.child_peak(result.peak_rss_bytes)
                 if o.validate:
@@ -252,7 +289,8 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print, phases: Phas
                     job.references_file.unlink()
                     wrapper_diff = result.wrapper_diff if result.wrapper_diff is not None else wrapper_diff
                 detail.text = (f"({o.precision}, opset {opset}, {result.graph_bytes / GIB:.2f} GiB"
-                           + (f", {kv_cache} KV cache)" if name == S.DECODER else ")"))
+                           + (f", {kv_cache} KV cache{f' ({o.resolved_cache_op})' if o.resolved_cache_op else ''})"
+                              if name == S.DECODER else ")"))
         if o.validate:
             V.save_references(tmp / C.REFERENCE_FILE, refs)
 
@@ -295,7 +333,7 @@ def build(o: BuildOptions, progress: Callable[[str], None] = print, phases: Phas
             chat_template=DEFAULT_TEMPLATE.to_dict(),
             bos_token_id=config.text.bos_token_id, eos_token_id=config.text.eos_token_id,
             context_length=b.max_context, hidden_size=config.hidden_size, has_router=config.has_router,
-            kv_cache=kv_cache, graphs={n: s.to_dict() for n, s in specs.items()},
+            kv_cache=kv_cache, cache_op=o.resolved_cache_op, graphs={n: s.to_dict() for n, s in specs.items()},
             validation={n: v.to_dict() for n, v in validation.items()} | (
                 {"decoder_code_vs_transformers": wrapper_diff} if wrapper_diff is not None else {}),
             tools=tool_versions(), source={"model": str(Path(o.model).resolve()), "layout": config.source_layout},

@@ -41,6 +41,7 @@ class GraphJob:
     opset: int
     dtype: str                       # "float32" / "float16"
     points: list[dict[str, Any]] = field(default_factory=list)   # validation points; none: no references
+    cache_op: str = "gqa"            # the in-place cache's operators (graphs.CACHE_OPS)
 
     @property
     def references_file(self) -> Path:
@@ -111,7 +112,7 @@ def _run(job: GraphJob, conn) -> None:
                 release_memory()
         if job.graph == S.ROUTER:
             np.savez(folder / C.ROUTER_TEXT_FILE, **router_text_table(model))
-        export_graph(graph_module(job.graph, model, spec), spec, folder, job.opset)
+        export_graph(graph_module(job.graph, model, spec), spec, folder, job.opset, job.cache_op)
         conn.send(("ok", JobResult(peak_rss(), graph_bytes(folder, spec.file), wrapper)))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
         conn.send(("error", (category_of(e).name, one_line(e), traceback.format_exc())))

@@ -91,7 +91,45 @@ def _gqa_schema():
     )
 
 
-CUSTOM_TRANSLATIONS = {torch.ops.avg_edge.cached_attention.default: cached_attention_onnx}
+def cached_attention_standard_onnx(q, k, v, cache_k, cache_v, past_length, num_heads: int, kv_heads: int):
+    """ONNX for cached_attention with standard operators only (opset 24): TensorScatter
+    writes the new rows of each request at its past_length, and Attention reads the whole
+    capacity under a mask allowing key j for query i of request r iff j <= past[r] + i.
+    TensorRT 10.15+ parses these two onto IKVCacheUpdate (which needs the cache as a
+    network input and its output bound to the same memory) and IAttention.  ONNX Runtime
+    runs them too, attending over the whole capacity (see README: --cache-op)."""
+    from onnx.defs import get_schema
+    from onnxscript import opset18 as op
+    from onnxscript.values import Op, Opset
+
+    opset24 = Opset("", 24)
+    tensor_scatter = Op(opset24, "TensorScatter", get_schema("TensorScatter", 24, ""))
+    attention = Op(opset24, "Attention", get_schema("Attention", 24, ""))
+    batch, seq = op.Shape(q, start=0, end=1), op.Shape(q, start=1, end=2)
+    head_dim = op.Shape(cache_k, start=3, end=4)
+
+    def heads(x, n: int):                                                      # [B, s, n*hd] -> [B, n, s, hd]
+        return op.Transpose(op.Reshape(x, op.Concat(batch, seq, op.Constant(value_ints=[n]), head_dim, axis=0)),
+                            perm=[0, 2, 1, 3])
+
+    present_k = tensor_scatter(cache_k, heads(k, kv_heads), past_length, axis=2)   # [B, KV, cap, hd]
+    present_v = tensor_scatter(cache_v, heads(v, kv_heads), past_length, axis=2)
+    keys = op.Range(op.Constant(value_int=0), op.Squeeze(op.Shape(cache_k, start=2, end=3)), op.Constant(value_int=1))
+    rows = op.Range(op.Constant(value_int=0), op.Squeeze(seq), op.Constant(value_int=1))
+    last = op.Add(op.Unsqueeze(past_length, op.Constant(value_ints=[1, 2, 3])),          # [B, 1, s, 1]
+                  op.Unsqueeze(rows, op.Constant(value_ints=[0, 1, 3])))
+    allowed = op.LessOrEqual(op.Unsqueeze(keys, op.Constant(value_ints=[0, 1, 2])), last)  # [B, 1, s, cap]
+    y = attention(heads(q, num_heads), present_k, present_v, allowed)[0]             # [B, H, s, hd]
+    out = op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Concat(batch, seq, op.Constant(value_ints=[-1]), axis=0))
+    return out, present_k, present_v
+
+
+# The in-place cache's operators by name (specs.CACHE_OPS, --cache-op).
+TRANSLATIONS = {"gqa": cached_attention_onnx, "tensorscatter": cached_attention_standard_onnx}
+
+
+def custom_translations(cache_op: str = "gqa") -> dict:
+    return {torch.ops.avg_edge.cached_attention.default: TRANSLATIONS[cache_op]}
 
 
 class VisionGraph(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from avg_edge.errors import BuildError
-from avg_edge.export.graphs import CUSTOM_TRANSLATIONS
+from avg_edge.export.graphs import custom_translations
 from avg_edge.specs import DERIVED_AXES, GraphSpec, example_sizes, make_feeds
 
 
@@ -112,8 +112,9 @@ def transpose_linear_weights(module: nn.Module) -> None:
         setattr(parent, name, _MatMulLinear(getattr(parent, name)))
 
 
-def export_graph(module: nn.Module, spec: GraphSpec, out_dir: Path, opset: int) -> Path:
+def export_graph(module: nn.Module, spec: GraphSpec, out_dir: Path, opset: int, cache_op: str = "gqa") -> Path:
     """Write `spec.file` into out_dir (with `<file>.data` for large weights) and check it.
+    `cache_op` picks the in-place cache's operators (graphs.CACHE_OPS).
     The module's nn.Linear layers are replaced by transposed twins first (same maths,
     see transpose_linear_weights)."""
     module.eval()
@@ -129,7 +130,7 @@ def export_graph(module: nn.Module, spec: GraphSpec, out_dir: Path, opset: int) 
                 input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_shapes=dynamic_shapes(module, spec),
                 external_data=weight_bytes > EXTERNAL_DATA_BYTES, optimize=True, verbose=False,
-                custom_translation_table=CUSTOM_TRANSLATIONS,
+                custom_translation_table=custom_translations(cache_op),
             )
     except Exception as e:  # the exporter raises many types; keep its log for the user
         log = path.with_suffix(".export.log")

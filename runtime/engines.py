@@ -55,9 +55,12 @@ def build_engines_for_folder(folder: Path, force: bool = False, timing_cache: Pa
         gpu = T.probe()
     except BackendUnavailable as e:
         raise BackendUnavailable(f"avg-export engines: {e}") from e
-    if m.kv_cache == "inplace":
+    if m.in_place_op == "gqa":
         raise UsageError(f"{folder}: its decoder updates the KV cache in place with ONNX Runtime's GroupQueryAttention, "
-                         "which TensorRT cannot parse; rebuild it with avg-export build --kv-cache concat")
+                         "which TensorRT cannot parse; rebuild it with avg-export build --kv-cache inplace "
+                         "--cache-op tensorscatter (TensorRT 10.15+) or --kv-cache concat")
+    if m.in_place_op is not None:
+        T.check_in_place_support(gpu)
     if m.engines and not force:
         raise UsageError(f"{folder} already has engines (TensorRT {m.tensorrt.get('version')} on "
                          f"{m.tensorrt.get('gpu')}); pass --force to rebuild them")

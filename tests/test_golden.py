@@ -25,12 +25,14 @@ def _ask(generate, case):
     return generate(sample("test", case["index"]).image, case["question"], granularity=case["granularity"], max_new_tokens=8)
 
 
-@pytest.fixture(scope="module", params=["inplace", "concat"])
+@pytest.fixture(scope="module", params=["inplace", "concat", "tensorscatter"])
 def demo_build(tmp_path_factory, request):
+    """Both KV caches, and the in-place one with both operator sets (--cache-op)."""
     from avg_edge.export.exporter import BuildOptions, build
 
+    kv_cache, cache_op = ("inplace", "tensorscatter") if request.param == "tensorscatter" else (request.param, "auto")
     out = tmp_path_factory.mktemp("demo") / f"fp32-{request.param}"
-    build(BuildOptions(model=CHECKPOINT, output=out, validate=False, backend="ort", kv_cache=request.param),
+    build(BuildOptions(model=CHECKPOINT, output=out, validate=False, backend="ort", kv_cache=kv_cache, cache_op=cache_op),
           progress=lambda s: None)
     return out
 
@@ -60,6 +62,28 @@ def test_tensorrt_matches_golden(tmp_path):
 
     build(BuildOptions(model=CHECKPOINT, output=tmp_path / "trt", backend="trt"), progress=lambda s: None)
     pipe = Pipeline.load(tmp_path / "trt", backend="trt")
+    for case in _cases():
+        r = _ask(pipe.generate, case)
+        assert (r.granularity, r.token_ids) == (case["chosen"], case["token_ids"]), case
+
+
+@pytest.mark.gpu
+def test_tensorrt_in_place_cache_matches_golden(tmp_path):
+    """TensorRT 10.15+ runs the tensorscatter decoder with IKVCacheUpdate writing into the
+    cache the runtime binds as both past and present (never run on the machines this was
+    written on: no GPU)."""
+    import tensorrt as trt
+
+    from avg_edge.export.exporter import BuildOptions, build
+    from avg_edge.runtime.backends.trt_backend import IN_PLACE_MIN_VERSION, version_tuple
+    from avg_edge.runtime.pipeline import Pipeline
+
+    if version_tuple(trt.__version__) < IN_PLACE_MIN_VERSION:
+        pytest.skip(f"TensorRT {trt.__version__} has no IKVCacheUpdate (10.15+)")
+    build(BuildOptions(model=CHECKPOINT, output=tmp_path / "trt", backend="trt", kv_cache="inplace"),
+          progress=lambda s: None)
+    pipe = Pipeline.load(tmp_path / "trt", backend="trt")
+    assert pipe.manifest.in_place_op == "tensorscatter" and "decoder" in pipe.manifest.engines
     for case in _cases():
         r = _ask(pipe.generate, case)
         assert (r.granularity, r.token_ids) == (case["chosen"], case["token_ids"]), case

@@ -46,7 +46,7 @@ def open_backends(folder: Path, manifest: Manifest, backend: str = "auto", threa
             spec = manifest.spec(name)
             if use_trt:
                 try:
-                    if name == "decoder" and manifest.kv_cache == "inplace":
+                    if name == "decoder" and manifest.in_place_op == "gqa":
                         raise BackendUnavailable(f"{folder}: the decoder updates its cache in place with ONNX Runtime's "
                                                  "GroupQueryAttention, which TensorRT cannot run")
                     if name not in manifest.engines:

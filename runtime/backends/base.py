@@ -44,7 +44,7 @@ class Backend:
         return self._timed(self._infer_kv_impl, feeds, to_host, aliases or {})
 
     def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
-        """A buffer in this backend's memory for an in-place cache (contents undefined)."""
+        """A zeroed buffer in this backend's memory for an in-place cache."""
         return np.zeros(shape, dtype)
 
     def rows(self, buffer: Any, start: int, stop: int) -> Any:

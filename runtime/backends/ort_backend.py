@@ -158,7 +158,11 @@ class OrtBackend(Backend):
     def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         import onnxruntime as ort
 
-        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self._device)
+        # Zeroed: TensorScatter + Attention (--cache-op tensorscatter) reads the whole
+        # capacity, masked rows too, and a masked NaN still poisons probs @ V.  On the CPU
+        # the OrtValue shares the numpy array's memory (np.zeros: pages are zeroed lazily,
+        # so an unused capacity costs nothing); elsewhere the zeros are copied over once.
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self._device)
 
     def rows(self, buffer: Any, start: int, stop: int) -> Any:
         if not 0 <= start < stop <= buffer.shape()[0]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 
 from avg_edge.errors import BackendError, BackendUnavailable
 from avg_edge.runtime.backends.base import Backend
-from avg_edge.specs import GraphSpec, Profile
+from avg_edge.specs import DECODER, DecoderRoles, GraphSpec, Profile
 
 INSTALL_HINT = (
     "TensorRT needs an NVIDIA GPU machine: pip install 'avg-edge[gpu]' (tensorrt>=10.3, cuda-python), "
@@ -80,6 +81,32 @@ def probe() -> GpuInfo:
     return GpuInfo(name=name, compute_capability=f"{props.major}.{props.minor}", tensorrt_version=trt.__version__)
 
 
+# TensorRT's ONNX parser maps TensorScatter + Attention (an in-place cache, --cache-op
+# tensorscatter) onto IKVCacheUpdate + IAttention from this version on; JetPack 6.2's 10.3
+# has neither.
+IN_PLACE_MIN_VERSION = (10, 15)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'10.15.1.29' -> (10, 15, 1, 29); stops at the first part that is not a number."""
+    out = []
+    for part in version.split("."):
+        if not part.isdigit():
+            break
+        out.append(int(part))
+    return tuple(out)
+
+
+def check_in_place_support(version: str) -> None:
+    """Raise BackendUnavailable unless this TensorRT runs an in-place cache."""
+    if version_tuple(version) < IN_PLACE_MIN_VERSION:
+        need = ".".join(map(str, IN_PLACE_MIN_VERSION))
+        raise BackendUnavailable(
+            f"this decoder updates its KV cache in place (TensorScatter + Attention), which needs TensorRT {need}+ "
+            f"(IKVCacheUpdate); this machine has TensorRT {version}. Rebuild the folder with "
+            "avg-export build --kv-cache concat for this TensorRT")
+
+
 def usable() -> bool:
     try:
         probe()
@@ -104,6 +131,8 @@ def build_engine(onnx_path: Path, spec: GraphSpec, engine_path: Path, timing_cac
     """Parse the ONNX, add the spec's profiles, build a strongly typed engine, save it."""
     import tensorrt as trt
 
+    if spec.name == DECODER and DecoderRoles(spec).kind == "inplace":
+        check_in_place_support(trt.__version__)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -141,6 +170,16 @@ class DeviceArray:
     ptr: int
     shape: tuple[int, ...]
     dtype: str
+    owner: Any = None      # keeps an allocate()d buffer alive while any view of it is
+
+
+class _Allocation:
+    """Device memory freed when the last DeviceArray that holds it is collected (a
+    request's in-place cache lives as long as its generation)."""
+
+    def __init__(self, cudart: Any, nbytes: int) -> None:
+        self.ptr = _check(cudart.cudaMalloc(nbytes))
+        weakref.finalize(self, cudart.cudaFree, self.ptr)
 
 
 def profile_for(spec: GraphSpec, shapes: dict[str, tuple[int, ...]]) -> int:
@@ -188,6 +227,25 @@ class TrtBackend(Backend):
         self._buffers: dict[tuple[str, int], tuple[int, int]] = {}  # (name, slot) -> (pointer, capacity)
         self._slot: dict[str, int] = {}
         self._profile = -1
+        # An in-place decoder's IKVCacheUpdate writes each present into its past's memory,
+        # so those pairs are always bound to one buffer, also in a plain infer().
+        self._in_place = DecoderRoles(spec).aliases() if spec.name == DECODER else {}
+        if self._in_place:
+            check_in_place_support(gpu.tensorrt_version)
+
+    def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> DeviceArray:
+        """A zeroed device buffer for an in-place cache, freed with its last view."""
+        nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 256)
+        memory = _Allocation(self._cudart, nbytes)
+        _check(self._cudart.cudaMemset(memory.ptr, 0, nbytes))
+        return DeviceArray(memory.ptr, tuple(shape), np.dtype(dtype).name, memory)
+
+    def rows(self, buffer: DeviceArray, start: int, stop: int) -> DeviceArray:
+        """Rows start..stop-1 of a buffer from allocate(), in its memory (rows are contiguous)."""
+        if not 0 <= start <= stop <= buffer.shape[0]:
+            raise BackendError(f"{self.spec.name}: rows {start}..{stop} of a buffer of {buffer.shape[0]}")
+        row = int(np.prod(buffer.shape[1:])) * np.dtype(buffer.dtype).itemsize
+        return DeviceArray(buffer.ptr + start * row, (stop - start, *buffer.shape[1:]), buffer.dtype, buffer.owner)
 
     def _device_buffer(self, key: tuple[str, int], nbytes: int) -> int:
         ptr, cap = self._buffers.get(key, (0, 0))
@@ -207,9 +265,7 @@ class TrtBackend(Backend):
         DeviceArrays.  Those live in two alternating buffers per name, so the KV cache a
         step returns can feed the next step while that step writes the other buffer.
         A returned DeviceArray is valid until the second call after the one that made it."""
-        if aliases:
-            raise BackendError(f"{self.spec.name}: in-place caches are not supported by this TensorRT backend; "
-                               "rebuild with --kv-cache concat")
+        aliases = {**self._in_place, **aliases}
         cudart, ctx = self._cudart, self.context
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         shapes = {n: tuple(v.shape if isinstance(v, DeviceArray) else np.shape(v)) for n, v in feeds.items()}
@@ -219,37 +275,44 @@ class TrtBackend(Backend):
                 raise BackendError(f"{self.spec.name}: TensorRT refused optimisation profile {profile}")
             self._profile = profile
         hosts = []
+        address: dict[str, int] = {}
         for t in self.spec.inputs:
             v = feeds[t.name]
             if not ctx.set_input_shape(t.name, shapes[t.name]):
                 raise BackendError(f"{self.spec.name}.{t.name}: TensorRT refused shape {shapes[t.name]}")
             if isinstance(v, DeviceArray):
-                ctx.set_tensor_address(t.name, v.ptr)
-                continue
-            arr = np.ascontiguousarray(v)
-            hosts.append(arr)
-            ptr = self._device_buffer((t.name, 0), arr.nbytes)
-            if arr.nbytes:
-                _check(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, self.stream))
-            ctx.set_tensor_address(t.name, ptr)
+                address[t.name] = v.ptr
+            else:
+                arr = np.ascontiguousarray(v)
+                hosts.append(arr)
+                address[t.name] = self._device_buffer((t.name, 0), arr.nbytes)
+                if arr.nbytes:
+                    _check(cudart.cudaMemcpyAsync(address[t.name], arr.ctypes.data, arr.nbytes, h2d, self.stream))
+            ctx.set_tensor_address(t.name, address[t.name])
         outs: dict[str, Any] = {}
         for t in self.spec.outputs:
             shape = tuple(ctx.get_tensor_shape(t.name))
             if any(d < 0 for d in shape):
                 raise BackendError(f"{self.spec.name}.{t.name}: output shape {shape} is unresolved for inputs {shapes}")
-            nbytes = int(np.prod(shape)) * np.dtype(t.dtype).itemsize
-            slot = 0 if t.name in to_host else self._slot.get(t.name, 0) ^ 1
-            self._slot[t.name] = slot
-            ptr = self._device_buffer((t.name, slot), nbytes)
+            if t.name in aliases:    # written in place: the output is its input's memory
+                ptr = address[aliases[t.name]]
+                source = feeds[aliases[t.name]]
+                device = source if isinstance(source, DeviceArray) else DeviceArray(ptr, shape, t.dtype)
+            else:
+                nbytes = int(np.prod(shape)) * np.dtype(t.dtype).itemsize
+                slot = 0 if t.name in to_host else self._slot.get(t.name, 0) ^ 1
+                self._slot[t.name] = slot
+                ptr = self._device_buffer((t.name, slot), nbytes)
+                device = DeviceArray(ptr, shape, t.dtype)
+            address[t.name] = ptr
             ctx.set_tensor_address(t.name, ptr)
-            outs[t.name] = (np.empty(shape, dtype=np.dtype(t.dtype)) if t.name in to_host
-                            else DeviceArray(ptr, shape, t.dtype))
+            outs[t.name] = np.empty(shape, dtype=np.dtype(t.dtype)) if t.name in to_host else device
         if not ctx.execute_async_v3(self.stream):
             raise BackendError(f"TensorRT failed to run {self.spec.name}")
         for name in to_host:
             arr = outs[name]
             if arr.nbytes:
-                _check(cudart.cudaMemcpyAsync(arr.ctypes.data, self._buffers[(name, 0)][0], arr.nbytes, d2h, self.stream))
+                _check(cudart.cudaMemcpyAsync(arr.ctypes.data, address[name], arr.nbytes, d2h, self.stream))
         _check(cudart.cudaStreamSynchronize(self.stream))
         del hosts
         return outs
