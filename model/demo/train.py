@@ -71,16 +71,13 @@ def sincos_positions(model: AvgLlavaModel, scale: float = 2.0) -> None:
 
 def colour_patches(model: AvgLlavaModel, scale: float = 1.0) -> None:
     """Initialise the patch embedding so its lower channels read mean colours of the
-    patch, its halves, its quadrants and its centre (30 channels); the rest start near
-    zero.  Clean colour-and-layout features let the tiny decoder learn from a few thousand
-    images.  The centre (the middle 6x6 px) makes a marker's dot a feature of its own:
-    without it a black dot and a hole on a dark background gave the same patch means, and
-    v3 never learnt the black dot."""
+    patch, its halves and its quadrants (27 channels); the rest start near zero.  Clean
+    colour-and-layout features let the tiny decoder learn from a few thousand images."""
     conv = model.vision_tower.clip.embeddings.patch_embedding                      # [Dv, 3, p, p]
     p = conv.weight.shape[-1]
     h = p // 2
     regions = [(0, p, 0, p), (0, h, 0, p), (h, p, 0, p), (0, p, 0, h), (0, p, h, p),
-               (0, h, 0, h), (0, h, h, p), (h, p, 0, h), (h, p, h, p), (h - 3, h + 3, h - 3, h + 3)]
+               (0, h, 0, h), (0, h, h, p), (h, p, 0, h), (h, p, h, p)]
     with torch.no_grad():
         conv.weight.normal_(0.0, 0.01)
         conv.weight[conv.weight.shape[0] // 2:] = 0.0                             # position channels
