@@ -171,7 +171,7 @@ def test_inspect_prints_manifest_and_io_tables(fp32_build):
     r = runner.invoke(export_app, ["inspect", str(out), "--verify"], terminal_width=200)
     assert r.exit_code == 0, r.output
     assert f"format {C.MANIFEST_FORMAT}, fp32, opset 18, context 4096, router: yes" in r.output
-    assert "KV cache inplace; decode batch up to 4" in r.output and "past_length" in r.output
+    assert "KV cache inplace (gqa); decode batch up to 4" in r.output and "past_length" in r.output
     assert "past_key_values.1.value" in r.output and "[batch[1..4], 4, 4096, 16]" in r.output  # the cache's capacity
     assert "profile decode: batch 1/2/4, seq_len 1/1/1" in r.output and "TensorRT engines: none" in r.output
 
