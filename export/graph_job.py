@@ -41,7 +41,7 @@ class GraphJob:
     opset: int
     dtype: str                       # "float32" / "float16"
     points: list[dict[str, Any]] = field(default_factory=list)   # validation points; none: no references
-    cache_op: str = "gqa"            # the in-place cache's operators (graphs.CACHE_OPS)
+    cache_op: str = "gqa"            # the in-place cache's operators (specs.CACHE_OPS)
 
     @property
     def references_file(self) -> Path:

@@ -114,7 +114,7 @@ def transpose_linear_weights(module: nn.Module) -> None:
 
 def export_graph(module: nn.Module, spec: GraphSpec, out_dir: Path, opset: int, cache_op: str = "gqa") -> Path:
     """Write `spec.file` into out_dir (with `<file>.data` for large weights) and check it.
-    `cache_op` picks the in-place cache's operators (graphs.CACHE_OPS).
+    `cache_op` picks the in-place cache's operators (graphs.TRANSLATIONS).
     The module's nn.Linear layers are replaced by transposed twins first (same maths,
     see transpose_linear_weights)."""
     module.eval()

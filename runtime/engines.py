@@ -60,7 +60,7 @@ def build_engines_for_folder(folder: Path, force: bool = False, timing_cache: Pa
                          "which TensorRT cannot parse; rebuild it with avg-export build --kv-cache inplace "
                          "--cache-op tensorscatter (TensorRT 10.15+) or --kv-cache concat")
     if m.in_place_op is not None:
-        T.check_in_place_support(gpu)
+        T.check_in_place_support(gpu.tensorrt_version)
     if m.engines and not force:
         raise UsageError(f"{folder} already has engines (TensorRT {m.tensorrt.get('version')} on "
                          f"{m.tensorrt.get('gpu')}); pass --force to rebuild them")

@@ -265,7 +265,7 @@ class TrtBackend(Backend):
         DeviceArrays.  Those live in two alternating buffers per name, so the KV cache a
         step returns can feed the next step while that step writes the other buffer.
         A returned DeviceArray is valid until the second call after the one that made it."""
-        aliases = {**self._in_place, **aliases}
+        aliases = aliases or self._in_place   # the runtime passes the same pairs; infer() passes none
         cudart, ctx = self._cudart, self.context
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         shapes = {n: tuple(v.shape if isinstance(v, DeviceArray) else np.shape(v)) for n, v in feeds.items()}
