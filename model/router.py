@@ -102,7 +102,11 @@ class GranularityRouter(nn.Module):
         qkv = pools(F.linear(finest, w, b))                                     # [crops, 1116, 3D]
         q, k, v = (t.reshape(crops, -1, heads, dim // heads).permute(1, 2, 0, 3)  # [1116, H, crops, hd]
                    for t in qkv.chunk(3, dim=-1))
-        a = F.scaled_dot_product_attention(q, k, v)                              # [1116, H, crops, hd]
+        # attention written out: the exported SDPA reshapes k to 3-D before transposing it,
+        # which ONNX Runtime runs as a Transpose whose innermost axis is the crops (a third
+        # of the demo router's time); on the 4-D tensors the transpose fuses into the MatMul
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (dim // heads) ** -0.5     # [1116, H, crops, crops]
+        a = torch.matmul(torch.softmax(scores, dim=-1), v)                       # [1116, H, crops, hd]
         a = m.self_attn.out_proj(a.permute(2, 0, 1, 3).reshape(crops, -1, dim))  # [crops, 1116, D]
         h = m.norm1(x + a)
         h = m.norm2(h + m.linear2(m.activation(m.linear1(h))))                  # [crops, 1116, D]
