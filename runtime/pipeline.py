@@ -225,7 +225,7 @@ class Pipeline:
                              f"(rebuild with avg-export build --max-crops {crops})")
         t_pre = time.perf_counter() - t0
         vision = self.backends[S.VISION]
-        feats = vision.infer({"pixel_values": pre.pixel_values.astype(self.dtype)})
+        feats = vision.infer({"pixel_values": pre.pixel_values.astype(self.dtype, copy=False)})   # fp32 builds: no copy
         return EncodedImage(pre, feats, t_pre, vision.last_inference_time)
 
     def check_max_visual_tokens(self, max_visual_tokens: Any) -> int | None:

@@ -202,6 +202,15 @@ def test_backend_checks_inputs_and_times_calls(pipe):
     assert [t.name for t in vision.input_metadata] == ["pixel_values"]
 
 
+def test_only_the_decoder_sessions_threads_spin(pipe):
+    """ONNX Runtime's worker threads spin after a call by default.  Vision and router run
+    once per request, so their spinning threads would take the two cores from the next
+    graph; the decoder runs step after step and keeps spinning (see OrtBackend)."""
+    spinning = {name: b.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+                for name, b in pipe.backends.items()}
+    assert spinning == {"vision": "0", "router": "0", "decoder": "1"}
+
+
 def test_gpu_provider_fallback_is_loud(tiny_build, caplog):
     import onnxruntime as ort
 

@@ -62,7 +62,7 @@ def open_backends(folder: Path, manifest: Manifest, backend: str = "auto", threa
             from avg_edge.runtime.backends.ort_backend import OrtBackend
 
             opened[name] = OrtBackend(spec, inside(folder, spec.file, "graph file"), threads=threads,
-                                      quantized=is_quantized(manifest, name))
+                                      quantized=is_quantized(manifest, name), spin=name == "decoder")
     except BaseException:
         for b in opened.values():
             b.close()

@@ -109,7 +109,7 @@ class OrtBackend(Backend):
     name = "ort"
 
     def __init__(self, spec: GraphSpec, path: Path, providers: str = "auto", threads: int = 0,
-                 quantized: bool = False) -> None:
+                 quantized: bool = False, spin: bool = True) -> None:
         super().__init__(spec)
         import onnxruntime as ort
 
@@ -117,6 +117,13 @@ class OrtBackend(Backend):
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        # After a call ONNX Runtime's worker threads spin for more work (the default).  A
+        # pipeline runs vision, router and decoder in turn: threads of the graph that just
+        # ran, spinning, took the cores from the next one (the demo's routed time to first
+        # token fell from 120 to 74 ms without it).  The decoder, called step after step,
+        # keeps spinning: sleeping between its steps cost the tiny model a fifth of its
+        # decode rate.  `spin` is chosen by the caller per graph (open_backends).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         wanted = choose_providers(providers, spec, ort_cache_dir())
         # (Quantized graphs need full optimisation: it fuses their DequantizeLinear into MatMulNBits.)
         self.lean = _cpu_only(wanted) and not quantized and any(t.dtype == "float16" for t in spec.inputs)
