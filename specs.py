@@ -238,14 +238,14 @@ class DecoderRoles:
         """The dtype of the embeddings the decoder takes (the build's float type)."""
         return np.dtype(self._by_role[(INPUTS_EMBEDS, None)].dtype)
 
-    @property
+    @cached_property
     def max_batch(self) -> int:
         """Most requests one decode step takes: the batch axis's max; 1 when the decoder
         has no batch axis (the concat cache, builds before manifest format 6, --max-batch 1)."""
         axis = self.spec.axes().get(C.AXIS_BATCH)
         return axis.max if axis is not None else 1
 
-    @property
+    @cached_property
     def kind(self) -> str:
         """"inplace": a fixed-capacity cache that the graph updates in place (bound as both
         past and present); "concat": the graph returns past + new as a fresh present."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -69,7 +69,7 @@ class Timings:
         return 1.0 - self.backend / self.total if self.total else 0.0
 
     def to_dict(self) -> dict[str, float]:
-        return {**asdict(self), "prompt_eval_rate": self.prompt_eval_rate, "eval_rate": self.eval_rate,
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "prompt_eval_rate": self.prompt_eval_rate, "eval_rate": self.eval_rate,
                 "overhead_share": self.overhead_share}
 
 

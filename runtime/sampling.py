@@ -40,16 +40,25 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
+def _nan_logits(x: np.ndarray) -> None:
+    raise BackendError(f"the decoder's logits contain {int(np.isnan(x).sum())} NaN value(s): expected numbers "
+                       "(a damaged build, or fp16 overflow: try the fp32 build)")
+
+
 def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """logits: [vocab] for the last position.  The softmax is taken in float64 after
     subtracting the largest logit, so no temperature or logit gives NaN probabilities
     (+inf logits share all the probability, -inf ones get none)."""
+    if params.greedy:                  # one pass: argmax finds a NaN first when there is one
+        best = int(np.argmax(logits))
+        if np.isnan(logits[best]):
+            _nan_logits(logits)
+        return best
     x = np.asarray(logits, dtype=np.float64)
     if np.isnan(x).any():
-        raise BackendError(f"the decoder's logits contain {int(np.isnan(x).sum())} NaN value(s): expected numbers "
-                           "(a damaged build, or fp16 overflow: try the fp32 build)")
+        _nan_logits(x)
     top = x.max()
-    if params.greedy or top == -np.inf:
+    if top == -np.inf:
         return int(np.argmax(x))
     if top == np.inf:
         x, top = np.where(x == np.inf, 0.0, -np.inf), 0.0
