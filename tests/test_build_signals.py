@@ -54,7 +54,11 @@ def test_leaving_the_block_early_removes_the_hidden_folder(tmp_path, raised):
                                       (signal.SIGINT, CATEGORIES["cancelled"].exit_code)])
 def test_a_signalled_build_removes_its_own_folder(tiny_ckpt, tmp_path, sig, code):
     target = tmp_path / "parent" / "build"
-    cmd = [sys.executable, "-c", "from avg_edge.cli import export_main; export_main()",
+    # Ctrl-C at a terminal reaches a Python that has its own SIGINT handler.  A shell that
+    # starts the tests in the background (`bash .ci/run &`) hands its children SIGINT
+    # ignored, and the build rightly keeps that, so the child puts Python's handler back.
+    boot = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    cmd = [sys.executable, "-c", boot + "from avg_edge.cli import export_main; export_main()",
            "build", "-m", str(tiny_ckpt), "-o", str(target), "--max-context", "256", "--no-validate"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines = []
