@@ -77,6 +77,19 @@ def small_context_build(tiny_ckpt, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_ort_build(tmp_path_factory) -> Path:
+    """The bundled demo model built as `avg-export build` does by default for ONNX Runtime
+    (fp32, in-place cache, not validated): one build shared by the golden, packaging and
+    Triton tests, which only read it (each build is about 50 s of a make test)."""
+    from avg_edge.export.exporter import BuildOptions, build
+    from avg_edge.model.demo import CHECKPOINT
+
+    out = tmp_path_factory.mktemp("demo") / "build"
+    build(BuildOptions(model=CHECKPOINT, output=out, validate=False, backend="ort"), progress=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def capi(tmp_path_factory):
     """libavg_edge.so and the C programs that use it, compiled by the system C compiler:
     (library, {name: executable})."""

@@ -30,6 +30,8 @@ def demo_build(tmp_path_factory, request):
     """Both KV caches, and the in-place one with both operator sets (--cache-op)."""
     from avg_edge.export.exporter import BuildOptions, build
 
+    if request.param == "inplace":                  # the default ONNX Runtime build (conftest)
+        return request.getfixturevalue("demo_ort_build")
     kv_cache, cache_op = ("inplace", "tensorscatter") if request.param == "tensorscatter" else (request.param, "auto")
     out = tmp_path_factory.mktemp("demo") / f"fp32-{request.param}"
     build(BuildOptions(model=CHECKPOINT, output=out, validate=False, backend="ort", kv_cache=kv_cache, cache_op=cache_op),

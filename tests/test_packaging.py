@@ -54,13 +54,8 @@ def bare_venv(wheel, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo_build(tmp_path_factory) -> Path:
-    from avg_edge.export.exporter import BuildOptions, build
-    from avg_edge.model.demo import CHECKPOINT
-
-    out = tmp_path_factory.mktemp("demo") / "build"
-    build(BuildOptions(model=CHECKPOINT, output=out, validate=False, backend="ort"), progress=lambda s: None)
-    return out
+def demo_build(demo_ort_build) -> Path:
+    return demo_ort_build
 
 
 def test_wheel_carries_data_files(wheel):

@@ -25,13 +25,8 @@ CASES = [("demo-1.png", "What colour is the background?", None),
 
 
 @pytest.fixture(scope="module")
-def demo_build(tmp_path_factory) -> Path:
-    from avg_edge.export.exporter import BuildOptions, build
-    from avg_edge.model.demo import CHECKPOINT
-
-    out = tmp_path_factory.mktemp("triton-demo") / "build"
-    build(BuildOptions(model=CHECKPOINT, output=out, validate=False, backend="ort"), progress=lambda s: None)
-    return out
+def demo_build(demo_ort_build) -> Path:
+    return demo_ort_build
 
 
 def _config(path: Path):
