@@ -426,7 +426,8 @@ def timing_summary(r, granularities: list[int], backend: str) -> str:
         f"prompt eval count:    {t.prompt_eval_count:10d} token(s)",
         f"prompt eval duration: {ms(t.prompt_eval)}  ({t.prompt_eval_rate:.2f} tokens/s)",
         f"eval count:           {t.eval_count:10d} token(s)",
-        f"eval duration:        {ms(t.eval)}  ({t.eval_rate:.2f} tokens/s)",
+        f"eval duration:        {ms(t.eval)}  " + (f"({t.eval_rate:.2f} tokens/s)" if t.eval_count > 1 else
+                                                    "(no decode step: the first token comes from the prompt eval)"),
         f"time to first token:  {ms(t.time_to_first_token)}",
         f"total duration:       {ms(t.total)}  ({100 * t.overhead_share:.1f}% outside backend calls)",
     ]

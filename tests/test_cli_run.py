@@ -155,6 +155,14 @@ def test_answer_on_stdout_timings_on_stderr(tiny_build, images):
     assert "vs 2340 at 576" in r.stderr
 
 
+def test_a_one_token_answer_has_no_decode_rate(tiny_build, images):
+    """With one token there is no decode step to time: say so instead of "0.00 tokens/s"."""
+    r = _run([images[0]["photo"], "What colour is the background?", "-m", tiny_build[0], "-n", "1", "-v"])
+    assert r.exit_code == 0, r.output
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("eval duration:")]
+    assert "no decode step" in line and "tokens/s" not in line, line
+
+
 def test_console_script_end_to_end(tiny_build, images):
     cmd = [sys.executable, "-c", "from avg_edge.cli import run_main; run_main()", str(images[0]["photo"]),
            "What?", "-m", str(tiny_build[0]), "-n", "2", "--json"]
