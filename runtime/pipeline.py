@@ -69,7 +69,8 @@ class Timings:
         return 1.0 - self.backend / self.total if self.total else 0.0
 
     def to_dict(self) -> dict[str, float]:
-        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "prompt_eval_rate": self.prompt_eval_rate, "eval_rate": self.eval_rate,
+        d = {f.name: getattr(self, f.name) for f in fields(self)}     # asdict would deep-copy every float
+        return {**d, "prompt_eval_rate": self.prompt_eval_rate, "eval_rate": self.eval_rate,
                 "overhead_share": self.overhead_share}
 
 

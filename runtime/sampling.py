@@ -40,9 +40,9 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
-def _nan_logits(x: np.ndarray) -> None:
-    raise BackendError(f"the decoder's logits contain {int(np.isnan(x).sum())} NaN value(s): expected numbers "
-                       "(a damaged build, or fp16 overflow: try the fp32 build)")
+def _nan_error(x: np.ndarray) -> BackendError:
+    return BackendError(f"the decoder's logits contain {int(np.isnan(x).sum())} NaN value(s): expected numbers "
+                        "(a damaged build, or fp16 overflow: try the fp32 build)")
 
 
 def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
@@ -52,11 +52,11 @@ def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Genera
     if params.greedy:                  # one pass: argmax finds a NaN first when there is one
         best = int(np.argmax(logits))
         if np.isnan(logits[best]):
-            _nan_logits(logits)
+            raise _nan_error(logits)
         return best
     x = np.asarray(logits, dtype=np.float64)
     if np.isnan(x).any():
-        _nan_logits(x)
+        raise _nan_error(x)
     top = x.max()
     if top == -np.inf:
         return int(np.argmax(x))
