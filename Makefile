@@ -47,8 +47,13 @@ $(TRITON_DIR)/.unpacked: | $(INSTALL)
 	        $(TRITON_DIR)/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub && touch $@; \
 	else echo "could not download $(TRITON_WHEEL): the Triton tests will skip"; fi
 
+# Tests run in TEST_WORKERS processes (pytest-xdist), a test file per worker at a time, so
+# a file's module fixtures (its builds) are made once; session fixtures are made in each
+# worker that needs them.  Two workers is this project's machines' core count: the builds
+# in fixtures are single-threaded Python for most of their time.  TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 test: $(VENV)/.linked $(TRITON_DIR)/.unpacked
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 DEMO_BUILD := builds/avg-edge-demo
 
