@@ -452,6 +452,7 @@ def serve_cmd(
     parallel: int = typer.Option(1, "--parallel", "-np", help="Decode slots: requests decoded together in one batched decoder call (needs a build whose decoder batches, the in-place cache)."),
     image_cache: int = typer.Option(4, "--image-cache", help="Images whose vision features are kept for follow-up questions (0: none)."),
     fetch_timeout: float = typer.Option(10.0, "--fetch-timeout", help="Seconds allowed for fetching a remote image (--allow-remote-images)."),
+    threads: int = typer.Option(0, "--threads", "-t", help="ONNX Runtime threads per graph (0: its default, one per core). HTTP, tokenizing and sampling run on other threads of this process; with a small model on few cores, fewer ONNX Runtime threads leave them a core."),
 ) -> None:
     """Serve POST /v1/chat/completions, GET /v1/models and GET /health."""
     require("uvicorn", "serve", "avg-serve")
@@ -471,13 +472,14 @@ def serve_cmd(
     check_range("--parallel", parallel, 1)
     check_range("--image-cache", image_cache, 0)
     check_range("--fetch-timeout", fetch_timeout, 0, 600, above=True, kind="seconds")
+    check_range("--threads", threads, 0, 1024)
     max_queue = max(4, 2 * parallel) if max_queue is None else max_queue
     if max_queue < parallel:
         raise UsageError(f"--max-queue: expected at least --parallel ({parallel}) requests, got {max_queue}")
     check_listen(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: listening on {host}, not loopback" + ("" if api_key else " and without --api-key"), markup=False)
-    pipe = Pipeline.load(model, backend=backend)
+    pipe = Pipeline.load(model, backend=backend, threads=threads)
     opts = ServerOptions(model_id=model.resolve().name, api_key=api_key, max_queue=max_queue,
                          max_request_bytes=int(max_request_mb * 1024**2), allow_remote_images=allow_remote_images,
                          parallel=parallel, image_cache=image_cache, fetch_timeout=fetch_timeout)

@@ -52,10 +52,11 @@ def _image_urls(n: int) -> list[str]:
     return urls
 
 
-def _serve(build: Path, parallel: int) -> tuple[subprocess.Popen, str]:
+def _serve(build: Path, parallel: int, threads: int) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [sys.executable, "-c", "from avg_edge.cli import serve_main; serve_main()", "-m", str(build), "--port",
-           str(port), "--parallel", str(parallel), "--image-cache", "0", "--max-queue", "16"]
+           str(port), "--parallel", str(parallel), "--image-cache", "0", "--max-queue", "16",
+           "--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -128,6 +129,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--parallel", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--threads", type=int, nargs="+", default=[0],
+                    help="avg-serve --threads (ONNX Runtime threads per graph; 0: its default): each value is a "
+                         "configuration of its own, with its own ratio")
     ap.add_argument("--tiny-workloads", nargs="+", default=["text", "image"], choices=["text", "image"],
                     help="the tiny model's requests: text-only (decode-bound) and/or with an image (vision-bound)")
     args = ap.parse_args()
@@ -137,33 +141,36 @@ def main() -> None:
     urls = _image_urls(8)
     questions = {"tiny": "What colour is the background?", "demo": "What colour is the background?"}
     rows, tok_s = [], {}
-    runs = [(name, w) for name in builds for w in (args.tiny_workloads if name == "tiny" else ["image"])]
-    for name, workload in runs:
+    runs = [(name, w, t) for name in builds for w in (args.tiny_workloads if name == "tiny" else ["image"])
+            for t in args.threads]
+    for name, workload, threads in runs:
         for parallel in args.parallel:
-            proc, base = _serve(builds[name], parallel)
+            proc, base = _serve(builds[name], parallel, threads)
             try:
                 use = None if workload == "text" else urls
                 _load(base, 1, 1, use, questions[name], args.max_tokens)            # warm-up
                 for clients in args.clients:
                     n = args.text_requests if workload == "text" else args.requests
                     rps, tps, per = _load(base, clients, n, use, questions[name], args.max_tokens)
-                    tok_s[(name, workload, parallel, clients)] = tps
-                    rows.append(f"| {name} | {workload} | {parallel} | {clients} | {rps:.2f} | {tps:.1f} | {per:.1f} |")
+                    tok_s[(name, workload, threads, parallel, clients)] = tps
+                    rows.append(f"| {name} | {workload} | {threads or 'default'} | {parallel} | {clients} | {rps:.2f} "
+                                f"| {tps:.1f} | {per:.1f} |")
                     print(rows[-1], file=sys.stderr, flush=True)
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-    print("| model | requests | --parallel | clients | requests/s | tokens/s | tokens/answer |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | requests | --threads | --parallel | clients | requests/s | tokens/s | tokens/answer |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     lo, hi = min(args.parallel), max(args.parallel)
     if lo != hi:
         print()
-        for name, workload in runs:
+        for name, workload, threads in runs:
             ratios = ", ".join(f"{c} client{'s' if c > 1 else ''} "
-                               f"{tok_s[(name, workload, hi, c)] / tok_s[(name, workload, lo, c)]:.2f}x"
+                               f"{tok_s[(name, workload, threads, hi, c)] / tok_s[(name, workload, threads, lo, c)]:.2f}x"
                                for c in args.clients)
-            print(f"{name} ({workload}): tokens/s at --parallel {hi} over --parallel {lo}: {ratios}")
+            print(f"{name} ({workload}, --threads {threads or 'default'}): tokens/s at --parallel {hi} over "
+                  f"--parallel {lo}: {ratios}")
 
 
 if __name__ == "__main__":

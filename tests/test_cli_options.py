@@ -58,6 +58,7 @@ def test_avg_run_bad_options_are_usage_errors(image, tmp_path, args, option):
     (["--max-request-mb", "nan"], "--max-request-mb"),
     (["--max-request-mb", "inf"], "--max-request-mb"),
     (["--max-queue", "0"], "--max-queue"),
+    (["--threads", "-1"], "--threads: expected an integer 0..1024, got -1"),
     (["--api-key", ""], "--api-key"),
     (["--host", "192.0.2.1"], "--port"),               # TEST-NET: not an address of this machine
 ])

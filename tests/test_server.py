@@ -97,7 +97,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tiny_build):
-    s = Server(tiny_build[0], "--max-queue", "2", "--max-request-mb", "1")
+    s = Server(tiny_build[0], "--max-queue", "2", "--max-request-mb", "1", "--threads", "1")
     yield s
     s.stop()
     assert "Traceback" not in s.log(), s.log()
