@@ -269,12 +269,15 @@ class DecoderRoles:
         return self.new_cache()
 
     def prefill_feeds(self, embeds: np.ndarray, logit_positions: np.ndarray | None = None,
-                      cache: dict[str, Any] | None = None) -> dict[str, Any]:
-        """embeds [1, N, D] at the start of the cache; logits at the last position unless told."""
+                      cache: dict[str, Any] | None = None, past: int = 0) -> dict[str, Any]:
+        """embeds [1, N, D] at the start of the cache, or after `past` tokens already in an
+        in-place cache (a kept prompt prefix); logits at the last position unless told."""
         n = embeds.shape[1]
+        if past and self.kind != "inplace":
+            raise InputError(f"{self.spec.name}: a prefill after {past} cached tokens needs the in-place cache")
         if logit_positions is None:
             logit_positions = np.array([n - 1], np.int64)
-        return self._feeds(embeds, 0, np.asarray(logit_positions, np.int64), cache if cache is not None else self.new_cache())
+        return self._feeds(embeds, past, np.asarray(logit_positions, np.int64), cache if cache is not None else self.new_cache())
 
     def step_feeds(self, embed: np.ndarray, position: int, cache: dict[str, Any]) -> dict[str, Any]:
         """One new token's embedding [1, 1, D] at `position`, after `cache` (by past name)."""

@@ -47,7 +47,8 @@ class Timings:
     vision: float = 0.0
     router: float = 0.0
     prompt_eval: float = 0.0          # decoder prefill
-    prompt_eval_count: int = 0        # tokens in the prefill (visual + text)
+    prompt_eval_count: int = 0        # tokens in the prompt (visual + text)
+    prompt_cached_count: int = 0      # of those, kept from a slot's previous request, not prefilled (avg-serve)
     eval: float = 0.0                 # decode steps after the first token
     eval_count: int = 0               # tokens generated
     time_to_first_token: float = 0.0  # from the call to the first token
@@ -56,7 +57,7 @@ class Timings:
 
     @property
     def prompt_eval_rate(self) -> float:
-        return self.prompt_eval_count / self.prompt_eval if self.prompt_eval else 0.0
+        return (self.prompt_eval_count - self.prompt_cached_count) / self.prompt_eval if self.prompt_eval else 0.0
 
     @property
     def eval_rate(self) -> float:
@@ -527,7 +528,11 @@ def _load_table(path: Path, mmap: bool) -> np.ndarray:
     from avg_edge.errors import BuildFolderError
 
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        table = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        # A plain ndarray over the same mapped pages: indexing a np.memmap builds memmap
+        # objects (its __getitem__ and __array_finalize__ were 8% of the server's scheduler
+        # thread, one lookup per decoded token).
+        return table.view(np.ndarray)
     except (ValueError, OSError, EOFError) as e:
         # numpy's own text for an object array suggests loading with pickle: never done here.
         why = "it holds Python objects, not numbers" if "allow_pickle" in str(e) else str(e)

@@ -43,6 +43,7 @@ class Request:
     max_new_tokens: int = 256
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
+    pieces: bool = True                  # send ("piece", text) events (a stream); False: only the end
 
 
 class Job:
@@ -59,26 +60,32 @@ class Job:
 
 
 class _Active:
-    """A job in a slot: its text so far."""
+    """A job in a slot: its text so far.  Text is decoded token by token only when someone
+    reads it: a stream, or stop sequences to find; otherwise the answer's text is decoded
+    once at the end (Result)."""
 
     def __init__(self, job: Job, prepared: Prepared, pipe: Pipeline) -> None:
         self.job, self.prepared = job, prepared
         self.text, self.stops = TextStream(pipe.tokenizer), StopText(job.request.stop)
+        self.incremental = job.request.pieces or bool(job.request.stop)
         self.ids: list[int] = []
         self.said: list[str] = []
 
     def push(self, token: int) -> None:
         self.ids.append(token)
         self.job.tokens = len(self.ids)
-        self._say(self.stops.push(self.text.push(token)))
+        if self.incremental:
+            self._say(self.stops.push(self.text.push(token)))
 
     def flush(self) -> None:
-        self._say(self.stops.push(self.text.flush()) + self.stops.flush())
+        if self.incremental:
+            self._say(self.stops.push(self.text.flush()) + self.stops.flush())
 
     def _say(self, piece: str) -> None:
         if piece:
             self.said.append(piece)
-            self.job.on_event("piece", piece)
+            if self.job.request.pieces:
+                self.job.on_event("piece", piece)
 
 
 class Scheduler:

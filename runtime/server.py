@@ -282,6 +282,9 @@ async def bounded(chunks: Any, too_large: str, limit: int) -> bytes:
     return b"".join(got)
 
 
+INLINE_JSON_BYTES = 16 * 1024   # bodies up to this size are parsed on the event loop
+
+
 def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
@@ -299,9 +302,10 @@ def completion_body(r: Result, opts: ServerOptions, cid: str, created: int) -> d
     }
 
 
-def usage(r: Result) -> dict[str, int]:
+def usage(r: Result) -> dict[str, Any]:
     p, c = r.timings.prompt_eval_count, r.timings.eval_count
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": r.timings.prompt_cached_count}}
 
 
 def extras(r: Result) -> dict[str, Any]:
@@ -382,7 +386,7 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
         return Request(question=chat.turns[-1], image=image, image_key=key, history=chat.turns[:-1],
                        system=chat.system, image_turn=chat.image_turn, granularity=granularity,
                        max_visual_tokens=chat.max_visual_tokens, max_new_tokens=chat.max_tokens,
-                       sampling=chat.sampling, stop=chat.stop)
+                       sampling=chat.sampling, stop=chat.stop, pieces=chat.stream)
 
     async def health(request: HttpRequest) -> JSONResponse:
         return JSONResponse({"status": "ok", "model": opts.model_id, "in_flight": gate.in_flight,
@@ -405,16 +409,14 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
             if message["type"] == "http.disconnect":
                 return
 
-    def submit(req: Request, stream: bool) -> tuple[Job, "asyncio.Queue[tuple[str, Any]]"]:
+    def submit(req: Request) -> tuple[Job, "asyncio.Queue[tuple[str, Any]]"]:
         """Hand a request to the scheduler; its admission slot is freed by its last event
         (done, error, or the cancellation a disconnect causes), whoever listens.  Text
-        pieces cross to the event loop only for a stream."""
+        pieces are made and cross to the event loop only for a stream (req.pieces)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def on_event(kind: str, value: Any) -> None:          # worker thread
-            if kind == "piece" and not stream:
-                return
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
             if kind != "piece":
                 loop.call_soon_threadsafe(gate.leave)
@@ -430,10 +432,14 @@ def create_app(pipe: Pipeline, opts: ServerOptions):
         submitted = False
         try:
             raw = await read_body(request)
-            parsed = parse_request(await off_loop(parse_json, raw), opts)
+            # A small body parses faster than a hop to the pool and back (the hop also
+            # takes the GIL from the scheduler thread twice); a large one (base64 images,
+            # deep nesting) is parsed off the event loop.
+            body = parse_json(raw) if len(raw) <= INLINE_JSON_BYTES else await off_loop(parse_json, raw)
+            parsed = parse_request(body, opts)
             image, key = await image_for(parsed)
             req = to_request(parsed, image, key)
-            job, events = submit(req, parsed.stream)
+            job, events = submit(req)
             submitted = True
             cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
             watcher = asyncio.ensure_future(until_disconnect(request))

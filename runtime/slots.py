@@ -8,9 +8,16 @@ own length, sampled on the host with each request's own settings and random gene
 A request gets exactly the tokens `Pipeline.decode` gives it alone (the decoder's batch
 rows are independent: avg-export validates this, see validation.check_rows).
 
+Prompt prefixes are kept (llama-server's prompt cache): a slot remembers the text tokens
+before the image (all of a text-only prompt) of its last request, whose keys and values
+stay at the start of its row, and the next request admitted there prefills only from
+the first token that differs (in-place cache only; at least one token is always
+prefilled).  Every request starts with the template's system prompt, so this skips
+about a third of a short text prompt.
+
 A step runs rows 0..hi-1, hi being one past the highest active slot, with the cache bound
-in place (no copy, no compaction).  Free rows below hi ride along as a dummy token at
-past length 0 (they write row 0 of a free slot, which the next prefill overwrites);
+in place (no copy, no compaction).  Free rows below hi ride along as a dummy token
+written just after the slot's kept prefix (which the next prefill overwrites);
 `admit` takes the lowest free slot, so active rows stay packed at the bottom and holes
 appear only when a low slot finishes while higher ones continue.  Compacting instead
 would move whole caches between rows.
@@ -57,6 +64,7 @@ class _Request:
     position: int                          # where the next fed token goes (= tokens in its cache)
     prefill_seconds: float
     first_token_at: float
+    kept: int                              # prompt tokens whose cache entries were kept from the slot's last request
     backend_seconds: float                 # vision + router + its prefill + every step it took part in
     ids: list[int] = field(default_factory=list)
     cache: dict[str, Any] | None = None    # concat cache only: this request's pasts
@@ -102,6 +110,7 @@ class DecodeSlots:
         self._buffers = roles.new_cache(self.decoder.allocate, batch=slots) if self._inplace else {}
         self._rows: dict[tuple[int, int], dict[str, Any]] = {}
         self._requests: dict[int, _Request] = {}
+        self._kept: dict[int, tuple[int, ...]] = {}   # slot -> token ids whose cache entries start its row
         self.closed = False
 
     # -- state ---------------------------------------------------------------------------
@@ -134,15 +143,18 @@ class DecodeSlots:
         t0 = time.perf_counter()
         roles, n = self.roles, prepared.embeds.shape[1]
         cache = self._views(slot, slot + 1) if self._inplace else roles.new_cache()
-        feeds = roles.prefill_feeds(prepared.embeds, cache=cache)
+        kept = min(_common_prefix(self._kept.pop(slot, ()), prepared.ids_before), n - 1) if self._inplace else 0
+        feeds = roles.prefill_feeds(prepared.embeds[:, kept:], cache=cache, past=kept)
         self.decoder.spec.check_inputs(feeds, trusted=frozenset(cache) if self._inplace else frozenset())
         out = self._call(feeds)
+        if self._inplace:
+            self._kept[slot] = tuple(prepared.ids_before)
         first_at = time.perf_counter()
         tm = prepared.timings
         req = _Request(prepared, sampling, np.random.default_rng(sampling.seed),
                        room=min(max_new_tokens, self.pipe.manifest.context_length - n),
                        t_start=t0 if t_start is None else t_start, position=n, prefill_seconds=first_at - t0,
-                       first_token_at=first_at, backend_seconds=tm.vision + tm.router + self.decoder.last_inference_time,
+                       first_token_at=first_at, kept=kept, backend_seconds=tm.vision + tm.router + self.decoder.last_inference_time,
                        cache=None if self._inplace else roles.next_past(out))
         self._requests[slot] = req
         return self._advance(slot, req, next_token(np.asarray(out[self._logits])[0, -1], sampling, req.rng))
@@ -157,7 +169,9 @@ class DecodeSlots:
         hi = active[-1] + 1
         pipe = self.pipe
         embeds = np.zeros((hi, 1, pipe.embed_table.shape[1]), pipe.dtype)
-        positions = np.zeros(hi, np.int64)              # free rows: a zero token at past 0
+        positions = np.zeros(hi, np.int64)
+        for s in range(hi):                             # free rows: a zero token after the kept prefix
+            positions[s] = len(self._kept.get(s, ()))
         for s in active:
             req = self._requests[s]
             embeds[s, 0] = pipe.embed_table[req.ids[-1]]
@@ -194,6 +208,7 @@ class DecodeSlots:
     def close(self) -> None:
         """Drop every request and the cache buffers (the pipeline stays open)."""
         self._requests.clear()
+        self._kept.clear()
         self._rows.clear()
         self._buffers = {}
         self.closed = True
@@ -236,12 +251,21 @@ class DecodeSlots:
     def _finish(self, slot: int, req: _Request, token: int | None, reason: str) -> SlotEvent:
         now = time.perf_counter()
         p = req.prepared
-        tm = replace(p.timings, load=self.pipe.load_seconds, prompt_eval=req.prefill_seconds,
+        tm = replace(p.timings, load=self.pipe.load_seconds, prompt_eval=req.prefill_seconds, prompt_cached_count=req.kept,
                      prompt_eval_count=p.embeds.shape[1], eval=now - req.first_token_at if req.ids else 0.0,
                      eval_count=len(req.ids), time_to_first_token=req.first_token_at - req.t_start,
                      total=now - req.t_start, backend=req.backend_seconds)
         del self._requests[slot]
         return SlotEvent(slot, token, True, reason, result_of(self.pipe, p, req.ids, reason, tm))
+
+
+def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
+    """How many leading token ids a and b share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 __all__ = ["DecodeSlots", "SlotEvent"]

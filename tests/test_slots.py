@@ -94,6 +94,34 @@ def test_requests_joining_and_leaving_get_the_tokens_they_get_alone(pipe, prepar
         assert t.eval_count == len(want.token_ids) and t.prompt_eval_count == prepared[i].embeds.shape[1]
         assert t.prompt_eval > 0 and t.eval > 0 and 0 < t.time_to_first_token <= t.total and t.backend > 0
     assert results[2].router_probs is None and alone[1].router_probs is not None
+    # Request 3 took request 1's slot: the system prompt's cache entries were kept.
+    before = [len(p.ids_before) for p in prepared]
+    assert [results[i].timings.prompt_cached_count for i in (0, 2)] == [0, 0]
+    assert 0 < results[3].timings.prompt_cached_count <= min(before[1], before[3])
+
+
+def test_a_kept_prefix_survives_its_free_row_riding_along(pipe, prepared):
+    """A request in a slot whose row rode along in other requests' steps (a dummy token
+    after its kept prefix) still gets its own tokens, prefilling only the new part."""
+    from avg_edge.calibration.collect import RecordingBackend
+
+    alone = _alone(pipe, 2)
+    recorder = RecordingBackend(pipe.backends["decoder"], 1000)
+    slots = DecodeSlots(pipe.with_backends({"decoder": recorder}), 2)
+    slots.admit(prepared[0], 20)
+    slots.admit(prepared[1], 20)
+    slots.release(0)
+    for _ in range(3):                                # slot 0 is free, below slot 1: it rides along
+        slots.step()
+    assert recorder.feeds[-1]["past_length"][0] == len(prepared[0].ids_before)
+    first = slots.admit(prepared[2], REQUESTS[2][4])
+    kept = prepared[2].embeds.shape[1] - recorder.feeds[-1]["inputs_embeds"].shape[1]   # not prefilled again
+    assert first.slot == 0 and recorder.feeds[-1]["past_length"].tolist() == [kept]
+    assert 0 < kept <= len(prepared[2].ids_before)
+    tokens = [first.token]
+    while 0 in slots.active:
+        tokens += [e.token for e in slots.step() if e.slot == 0 and e.token is not None]
+    assert tokens == alone.token_ids
 
 
 def test_sampled_requests_equal_their_single_request_runs(pipe, prepared):
