@@ -5,6 +5,8 @@ four requests in one batched decoder call), in one run.
     python benchmarks/bench_server.py                 # the tiny model (32-token answers) and the demo
     python benchmarks/bench_server.py --models tiny --tiny-workloads text --text-requests 200
 
+Each configuration is measured --rounds times, interleaved with the other --parallel
+value's (both servers run side by side, one loaded at a time), and reported as medians.
 Each configuration is a real `avg-serve` on loopback with the vision cache off
 (--image-cache 0: every request runs vision), fed by N client threads (one keep-alive
 http.client connection each) that each send --text-requests text-only or --requests
@@ -25,6 +27,7 @@ import http.client
 import io
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,6 +132,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--parallel", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measurements per configuration, interleaved (--parallel 1, 4, 1, 4, ...: the servers of a "
+                         "model run side by side), reported as medians: this shared machine drifts over seconds")
     ap.add_argument("--threads", type=int, nargs="+", default=[0],
                     help="avg-serve --threads (ONNX Runtime threads per graph; 0: its default): each value is a "
                          "configuration of its own, with its own ratio")
@@ -143,24 +149,34 @@ def main() -> None:
     rows, tok_s = [], {}
     runs = [(name, w, t) for name in builds for w in (args.tiny_workloads if name == "tiny" else ["image"])
             for t in args.threads]
+    med = statistics.median
     for name, workload, threads in runs:
-        for parallel in args.parallel:
-            proc, base = _serve(builds[name], parallel, threads)
-            try:
-                use = None if workload == "text" else urls
+        servers = {}
+        try:
+            for parallel in args.parallel:
+                servers[parallel] = _serve(builds[name], parallel, threads)
+            use = None if workload == "text" else urls
+            n = args.text_requests if workload == "text" else args.requests
+            for _, base in servers.values():
                 _load(base, 1, 1, use, questions[name], args.max_tokens)            # warm-up
-                for clients in args.clients:
-                    n = args.text_requests if workload == "text" else args.requests
-                    rps, tps, per = _load(base, clients, n, use, questions[name], args.max_tokens)
+            for clients in args.clients:
+                got = {parallel: [] for parallel in args.parallel}
+                for _ in range(args.rounds):
+                    for parallel, (_, base) in servers.items():
+                        got[parallel].append(_load(base, clients, n, use, questions[name], args.max_tokens))
+                for parallel, runs_ in got.items():
+                    rps, tps, per = (med(r[i] for r in runs_) for i in range(3))
                     tok_s[(name, workload, threads, parallel, clients)] = tps
                     rows.append(f"| {name} | {workload} | {threads or 'default'} | {parallel} | {clients} | {rps:.2f} "
-                                f"| {tps:.1f} | {per:.1f} |")
+                                f"| {tps:.1f} | {per:.1f} | {min(r[1] for r in runs_):.0f}-{max(r[1] for r in runs_):.0f} |")
                     print(rows[-1], file=sys.stderr, flush=True)
-            finally:
+        finally:
+            for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=30)
-    print("| model | requests | --threads | --parallel | clients | requests/s | tokens/s | tokens/answer |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| model | requests | --threads | --parallel | clients | requests/s | tokens/s | tokens/answer "
+          f"| tokens/s, {args.rounds} rounds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     lo, hi = min(args.parallel), max(args.parallel)
     if lo != hi:
