@@ -5,8 +5,6 @@ four requests in one batched decoder call), in one run.
     python benchmarks/bench_server.py                 # the tiny model (32-token answers) and the demo
     python benchmarks/bench_server.py --models tiny --tiny-workloads text --text-requests 200
 
-Each configuration is measured --rounds times, interleaved with the other --parallel
-value's (both servers run side by side, one loaded at a time), and reported as medians.
 Each configuration is a real `avg-serve` on loopback with the vision cache off
 (--image-cache 0: every request runs vision), fed by N client threads (one keep-alive
 http.client connection each) that each send --text-requests text-only or --requests
@@ -16,7 +14,9 @@ decode only: what slots batch) and with a different image per request (vision ru
 request, one at a time, and costs the tiny model more than its 32 decode steps).  The
 demo answers in a few tokens, so there vision, router and prefill dominate.  Builds are
 made in a temporary folder (the decoder's batch axis needs a build of this version).  Prints a markdown table
-and, per client count, tokens/s at --parallel 4 over --parallel 1.
+and, per client count, tokens/s at --parallel 4 over --parallel 1.  Each configuration is
+measured --rounds times, interleaved with the other --parallel value's (both servers run
+side by side, one loaded at a time), and reported as medians with the range of tokens/s.
 """
 
 from __future__ import annotations

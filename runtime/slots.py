@@ -171,7 +171,8 @@ class DecodeSlots:
         embeds = np.zeros((hi, 1, pipe.embed_table.shape[1]), pipe.dtype)
         positions = np.zeros(hi, np.int64)
         for s in range(hi):                             # free rows: a zero token after the kept prefix
-            positions[s] = len(self._kept.get(s, ()))
+            if s not in self._requests:
+                positions[s] = len(self._kept.get(s, ()))
         for s in active:
             req = self._requests[s]
             embeds[s, 0] = pipe.embed_table[req.ids[-1]]
