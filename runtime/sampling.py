@@ -78,3 +78,18 @@ def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Genera
         p = np.where(mask, p, 0.0)
         p /= p.sum()
     return int(rng.choice(p.size, p=p))
+
+
+def next_tokens(logits: np.ndarray, params: list[SamplingParams], rngs: list[np.random.Generator]) -> list[int]:
+    """One token per row of logits [rows, vocab] (a batched decode step), row i with
+    params[i] and rngs[i]: each row gets what next_token gives it, the greedy rows from
+    one argmax over all rows (a NaN in a greedy row still fails the call)."""
+    best = np.argmax(logits, axis=-1)                                 # [rows]
+    nan = np.isnan(logits[np.arange(len(best)), best])
+    tokens = best.tolist()
+    for i, p in enumerate(params):
+        if not p.greedy:
+            tokens[i] = next_token(logits[i], p, rngs[i])
+        elif nan[i]:
+            raise _nan_error(logits[i])
+    return tokens

@@ -37,7 +37,7 @@ import numpy as np
 from avg_edge import specs as S
 from avg_edge.errors import Busy, InputError, UsageError
 from avg_edge.runtime.pipeline import Pipeline, Prepared, Result, _check_max_new_tokens, result_of
-from avg_edge.runtime.sampling import SamplingParams, next_token
+from avg_edge.runtime.sampling import SamplingParams, next_token, next_tokens
 
 
 @dataclass(frozen=True)
@@ -168,27 +168,27 @@ class DecodeSlots:
             return []
         hi = active[-1] + 1
         pipe = self.pipe
+        rows, reqs = list(active), [self._requests[s] for s in active]
         embeds = np.zeros((hi, 1, pipe.embed_table.shape[1]), pipe.dtype)
+        embeds[rows, 0] = pipe.embed_table[[req.ids[-1] for req in reqs]]
         positions = np.zeros(hi, np.int64)
-        for s in range(hi):                             # free rows: a zero token after the kept prefix
-            if s not in self._requests:
-                positions[s] = len(self._kept.get(s, ()))
-        for s in active:
-            req = self._requests[s]
-            embeds[s, 0] = pipe.embed_table[req.ids[-1]]
-            positions[s] = req.position
-        cache = self._views(0, hi) if self._inplace else self._requests[active[0]].cache
+        if hi > len(active):                            # free rows: a zero token after the kept prefix
+            for s in range(hi):
+                if s not in self._requests:
+                    positions[s] = len(self._kept.get(s, ()))
+        positions[rows] = [req.position for req in reqs]
+        cache = self._views(0, hi) if self._inplace else reqs[0].cache
         out = self._call(self.roles.batch_step_feeds(embeds, positions, cache))
         seconds = self.decoder.last_inference_time
-        logits = np.asarray(out[self._logits])          # [hi, 1, vocab]
+        logits = np.asarray(out[self._logits])[rows, -1]     # [active, vocab]
+        tokens = next_tokens(logits, [req.sampling for req in reqs], [req.rng for req in reqs])
         events = []
-        for s in active:
-            req = self._requests[s]
+        for s, req, token in zip(active, reqs, tokens):
             req.position += 1
             req.backend_seconds += seconds
             if not self._inplace:
                 req.cache = self.roles.next_past(out)
-            events.append(self._advance(s, req, next_token(logits[s, -1], req.sampling, req.rng)))
+            events.append(self._advance(s, req, token))
         return events
 
     def stop(self, slot: int) -> SlotEvent:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from avg_edge.errors import BackendError, InputError, category_of
-from avg_edge.runtime.sampling import GREEDY_BELOW, SamplingParams, next_token
+from avg_edge.runtime.sampling import GREEDY_BELOW, SamplingParams, next_token, next_tokens
 
 LOGITS = np.array([1.0, 3.0, 2.0, -1.0], dtype=np.float32)
 
@@ -38,6 +38,25 @@ def test_nan_logits_are_a_failed_inference(temperature):
     with pytest.raises(BackendError, match="NaN") as e:
         next_token(np.array([1.0, np.nan], dtype=np.float32), SamplingParams(temperature), np.random.default_rng(0))
     assert category_of(e.value).name == "failed"
+
+
+def test_a_batched_choice_gives_each_row_what_it_gets_alone():
+    logits = np.random.default_rng(3).normal(size=(5, 50)).astype(np.float32) * 3
+    params = [SamplingParams(), SamplingParams(0.8, seed=1), SamplingParams(), SamplingParams(1.5, top_k=5),
+              SamplingParams(0.7, top_p=0.5)]
+    alone = [next_token(row, p, np.random.default_rng(i)) for i, (row, p) in enumerate(zip(logits, params))]
+    together = next_tokens(logits, params, [np.random.default_rng(i) for i in range(5)])
+    assert together == alone
+    assert together[0] == int(np.argmax(logits[0])) and together[2] == int(np.argmax(logits[2]))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_nan_in_any_row_of_a_batched_choice_fails_it(temperature):
+    logits = np.zeros((3, 4), np.float32)
+    logits[1, 2] = np.nan
+    with pytest.raises(BackendError, match="NaN"):
+        next_tokens(logits, [SamplingParams(), SamplingParams(temperature), SamplingParams()],
+                    [np.random.default_rng(i) for i in range(3)])
 
 
 @pytest.mark.parametrize("kwargs,match", [
