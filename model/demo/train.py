@@ -17,6 +17,8 @@
    router_check on the val split fails the run (no checkpoint written) when the router is
    pinned at its LayerNorm bound or its picks do not depend on the question.
 
+--init-from CHECKPOINT starts from a trained checkpoint's weights (a second pass of the
+stages, e.g. stage 1 at another granularity; the router is fresh again).
 --router-only CHECKPOINT runs stage 3 alone on a trained checkpoint (a fresh router;
 every other weight is kept bit for bit).
 
@@ -71,13 +73,16 @@ def sincos_positions(model: AvgLlavaModel, scale: float = 2.0) -> None:
 
 def colour_patches(model: AvgLlavaModel, scale: float = 1.0) -> None:
     """Initialise the patch embedding so its lower channels read mean colours of the
-    patch, its halves and its quadrants (27 channels); the rest start near zero.  Clean
-    colour-and-layout features let the tiny decoder learn from a few thousand images."""
+    patch, its halves, its quadrants and its centre (30 channels); the rest start near
+    zero.  Clean colour-and-layout features let the tiny decoder learn from a few thousand
+    images.  The centre (the middle 6x6 px) makes a marker's dot a feature of its own:
+    without it a black dot and a hole on a dark background gave the same patch means, and
+    v3 never learnt the black dot."""
     conv = model.vision_tower.clip.embeddings.patch_embedding                      # [Dv, 3, p, p]
     p = conv.weight.shape[-1]
     h = p // 2
     regions = [(0, p, 0, p), (0, h, 0, p), (h, p, 0, p), (0, p, 0, h), (0, p, h, p),
-               (0, h, 0, h), (0, h, h, p), (h, p, 0, h), (h, p, h, p)]
+               (0, h, 0, h), (0, h, h, p), (h, p, 0, h), (h, p, h, p), (h - 3, h + 3, h - 3, h + 3)]
     with torch.no_grad():
         conv.weight.normal_(0.0, 0.01)
         conv.weight[conv.weight.shape[0] // 2:] = 0.0                             # position channels
@@ -136,6 +141,44 @@ def trainable(model: AvgLlavaModel, stage: str, tower_lr: float = 0.0) -> list[d
     if groups["tower"]:
         out.append({"params": groups["tower"], "mult": tower_lr})
     return out
+
+
+def install_prev_head(model: AvgLlavaModel, constant: float) -> None:
+    """Designed initialisation (--prev-head): decoder layer 0, head 0 attends to the
+    previous token, so the answer's marker token can see that the token before it is the
+    white dot (a relation between two patches that the 2-layer decoder did not learn to
+    read at 576 on its own: runs v10a-v12c in docs/demo-model.md).
+
+    The projector's last output channel becomes a constant (its weight row zeroed, its
+    bias `constant` x the mean norm of the projector's outputs on two training images),
+    and the head's query and key read only that channel, with RoPE phases that peak at
+    distance 1.  The head's output projection starts at zero and is trained.  Gradient
+    hooks keep the constant channel and the head's query and key rows as designed (weight
+    decay still applies to them)."""
+    lin = model.mm_projector[2]
+    att = model.language_model.model.layers[0].self_attn
+    norm = model.language_model.model.layers[0].input_layernorm
+    hd = model.config.text.head_dim
+    half = hd // 2
+    with torch.no_grad():
+        feats = torch.cat([encode_image(model, sample("train", 100 + i).image)[1].flatten(0, 1) for i in range(2)])
+        c = constant * float(model.mm_projector(feats).norm(dim=-1).mean())            # feats: [N, Dv]
+        lin.weight[-1] = 0.0
+        lin.bias[-1] = c
+        xn = norm(model.mm_projector(feats))[:, -1]                                    # the constant after RMSNorm
+        theta = 1.0 / (model.config.text.rope_theta ** (torch.arange(half, dtype=torch.float32) * 2 / hd))
+        a = math.sqrt(25.0 * math.sqrt(hd)) / float(xn.mean())                          # score ~25 per frequency pair
+        att.q_proj.weight[:hd] = 0.0
+        att.k_proj.weight[:hd] = 0.0
+        att.q_proj.weight[:hd, -1] = torch.cat([torch.cos(-theta), torch.sin(-theta)]) * a
+        att.k_proj.weight[:hd, -1] = torch.cat([torch.ones(half), torch.zeros(half)]) * a
+        att.o_proj.weight[:, :hd] = 0.0
+        print(f"prev head: constant {c:.3f}, after RMSNorm {float(xn.mean()):.3f} +- {float(xn.std()):.3f}")
+    for t, rows in ((lin.weight, slice(-1, None)), (lin.bias, slice(-1, None)),
+                    (att.q_proj.weight, slice(0, hd)), (att.k_proj.weight, slice(0, hd))):
+        keep = torch.ones_like(t)
+        keep[rows] = 0.0
+        t.register_hook(lambda g, keep=keep: g * keep)
 
 
 # -- state files ------------------------------------------------------------------
@@ -268,11 +311,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--accum", type=int, default=1, help="images per stage-1 step")
     ap.add_argument("--router-only", metavar="CHECKPOINT", default=None,
                     help="run stage 3 alone, with a fresh router, on this trained checkpoint")
+    ap.add_argument("--init-from", metavar="CHECKPOINT", default=None,
+                    help="start every stage from a trained checkpoint's weights instead of a fresh model")
+    ap.add_argument("--prev-head", type=float, default=0.0, metavar="C",
+                    help="start decoder layer 0, head 0 as a fixed previous-token head (C: its constant channel's "
+                         "scale; 0: off); see install_prev_head")
     ap.add_argument("--router-text", choices=("prompt", "question"), default="question",
                     help="the router filter's candidates (config router_text_candidates): the whole prompt (the "
                          "spec) or the question's own tokens (default: the 32-token system prompt otherwise fills k)")
     ap.add_argument("--token-cost", type=float, default=0.0, metavar="LAMBDA",
                     help="cost-aware RGLF: rank by answer NLL + LAMBDA x g / 576 (0: the paper's RGLF)")
+    ap.add_argument("--seed", type=int, default=0, help="torch seed of the model's initialisation and training")
+    ap.add_argument("--decoder-layers", type=int, default=2, help="the language model's layers")
     ap.add_argument("--router-seed", type=int, default=0)
     ap.add_argument("--check-images", type=int, default=20, help="val images of the router check after stage 3")
     ap.add_argument("--save-every", type=int, default=250)
@@ -283,15 +333,21 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = JsonTokenizer(write_tokenizer(out / "tokenizer.json"))
-    torch.manual_seed(0)
-    if args.router_only:
+    torch.manual_seed(args.seed)
+    if args.init_from:
+        shutil.copyfile(Path(args.init_from) / "tokenizer.json", out / "tokenizer.json")
+        tok = JsonTokenizer(out / "tokenizer.json")
+        model = load_model(args.init_from)
+    elif args.router_only:
         shutil.copyfile(Path(args.router_only) / "tokenizer.json", out / "tokenizer.json")
         tok = JsonTokenizer(out / "tokenizer.json")
         model = load_model(args.router_only)
     else:
-        model = AvgLlavaModel(demo_config(tok.vocab_size), tok)
+        model = AvgLlavaModel(demo_config(tok.vocab_size, args.decoder_layers), tok)
         sincos_positions(model)
         colour_patches(model)
+    if args.prev_head:
+        install_prev_head(model, args.prev_head)
     model.config = model.config.replace(router_text_candidates=args.router_text, router_token_cost=args.token_cost)
     fresh_router(model, args.router_seed)
     progress = json.loads((out / "state" / "progress.json").read_text()) if args.resume and (out / "state" / "progress.json").exists() else None
