@@ -58,7 +58,7 @@ test: $(VENV)/.linked $(TRITON_DIR)/.unpacked
 DEMO_BUILD := builds/avg-edge-demo
 
 # Build the bundled demo model once (fp32, ONNX Runtime), then tell its story: a coarse
-# question routed to few visual tokens, a fine one routed to 576, and the same fine
+# question routed to few visual tokens, a fine one routed to more, and the same fine
 # question under a tight visual-token budget; -v prints the chosen granularity, visual
 # tokens vs 576 and time to first token to stderr.
 $(DEMO_BUILD)/manifest.json: $(VENV)/.linked $(wildcard model/demo/checkpoint/*)
@@ -67,10 +67,10 @@ $(DEMO_BUILD)/manifest.json: $(VENV)/.linked $(wildcard model/demo/checkpoint/*)
 demo: $(DEMO_BUILD)/manifest.json
 	@echo; echo '$$ avg-run examples/demo-1.png "What colour is the background?" -v'
 	@$(VENV)/bin/avg-run examples/demo-1.png "What colour is the background?" -v
-	@echo; echo '$$ avg-run examples/demo-2.png "What colour is the marker with a white dot?" -v'
-	@$(VENV)/bin/avg-run examples/demo-2.png "What colour is the marker with a white dot?" -v
-	@echo; echo '$$ avg-run examples/demo-2.png "What colour is the marker with a white dot?" --max-visual-tokens 200 -v'
-	@$(VENV)/bin/avg-run examples/demo-2.png "What colour is the marker with a white dot?" --max-visual-tokens 200 -v
+	@echo; echo '$$ avg-run examples/demo-2.png "What colour is the marker right of the white dot?" -v'
+	@$(VENV)/bin/avg-run examples/demo-2.png "What colour is the marker right of the white dot?" -v
+	@echo; echo '$$ avg-run examples/demo-2.png "What colour is the marker right of the white dot?" --max-visual-tokens 200 -v'
+	@$(VENV)/bin/avg-run examples/demo-2.png "What colour is the marker right of the white dot?" --max-visual-tokens 200 -v
 
 bench: $(VENV)/.linked $(TRITON_DIR)/.unpacked
 	$(PY) benchmarks/bench_runtime.py

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TRITON_ROOT = ROOT / "build" / "tritonserver" / "pytriton" / "tritonserver"
 EXAMPLES = ROOT / "examples"
 CASES = [("demo-1.png", "What colour is the background?", None),
-         ("demo-2.png", "What colour is the marker with a white dot?", None),
-         ("demo-2.png", "What colour is the marker with a white dot?", 36),
+         ("demo-2.png", "What colour is the marker right of the white dot?", None),
+         ("demo-2.png", "What colour is the marker right of the white dot?", 36),
          ("demo-1.png", "Which side is the large shape on?", 576)]
 
 

@@ -1,19 +1,24 @@
 """The demo task: seeded synthetic images whose questions need different visual detail.
 
-Every image has a muted background, one large light shape (circle, square or diamond)
-on the left or right, and, in the other half, clusters of four small markers.  A
-cluster fills one 56 x 56 px cell of the AnyRes tiles (the cell that 4x4 pooling, i.e.
+Every image has a muted background, one large light shape (ring, square or diamond) on
+the left or right, and, in the other half, clusters of four small markers.  A cluster
+fills one 56 x 56 px cell of the AnyRes tiles (the cell that 4x4 pooling, i.e.
 granularity 36, averages into one token): four 14 px tiles, one per marker colour, on a
-2 x 2 lattice with a 28 px pitch, shuffled per cluster.  Tiles are plain (a hole in
-the middle) except in DOTTED clusters, where the tile of one colour has a white dot,
-and DOTTED clusters, where the tile of another colour has a black dot.
+2 x 2 lattice with a 28 px pitch, shuffled per cluster, each tile on an odd patch
+column.  In DOTTED clusters the patch just left of the answer colour's tile holds a
+white dot on the background; in DOTTED other clusters another colour's tile has a black
+dot inside it (a distractor, never asked).
 
 Coarse questions (survive pooling): the background colour, the large shape's kind, the
-side it is on.  Fine questions: the colour of the white-dotted marker and of the
-black-dotted one.  At 576, 288 and 144 tokens a dotted tile has a token to itself
-(alone, or with background at 144); at 36 it shares its token with the three other
-colours of its cluster, one token among ~100-500, and every cell holds the same colour
-mix whatever the answer.  72 tokens (2x4 pooling) pair it with its row neighbour.
+side it is on.  The fine question (kind "white_dot"): the colour of the marker just right
+of the white dot.  That is a relation between two patches.  At 144 and 288 tokens the
+marker and its dot share one token (a one-token look); at 72 and 36 the dot's token also
+holds two or four marker colours, the same colours whatever the answer, so pooling
+destroys the answer; at 576 the dot and its marker are neighbouring tokens (two hops:
+find the dot, read its right neighbour).  A question about a single patch's own look
+would not do: the projector runs before pooling and can give any per-patch look a
+channel of its own, whose mean survives 4x4 pooling (runs v7a and v9a in
+docs/demo-model.md read a white-centred tile at 36 tokens).
 
 `sample(split, index)` is a pure function of (split, index): the same arguments give the
 same image bytes and the same questions.  Splits differ by their seed stream.
@@ -35,7 +40,7 @@ PINPOINT_P = (0.3, 0.3, 0.1, 0.15, 0.15)
 BACKGROUNDS = {"gray": (110, 110, 110), "brown": (120, 72, 40), "purple": (90, 50, 120),
                "teal": (30, 110, 110), "navy": (25, 35, 95), "olive": (100, 100, 30)}
 MARKERS = {"red": (235, 20, 20), "green": (20, 220, 40), "blue": (40, 90, 255), "yellow": (245, 235, 20)}
-SHAPES = ("circle", "square", "diamond")
+SHAPES = ("ring", "square", "diamond")   # a ring, not a disc: a 2-layer decoder told discs from squares 1 time in 9
 SHAPE_RGB = (235, 235, 225)
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 TILE = 336          # AnyRes tile side, px
@@ -47,13 +52,14 @@ MIN_FILL = 0.6      # share of the marker half's whole cells that get a cluster
 DOTTED = 2          # clusters whose white-dot (black-dot) colour carries the dot
 
 COARSE = ("background", "shape", "side")
-FINE = ("white_dot", "black_dot")
+FINE = ("white_dot",)   # the colour right of the white dot (see above); black dots are drawn, never asked
 KINDS = COARSE + FINE
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "background": ("What colour is the background?", "What is the background colour?"),
     "shape": ("What shape is the large shape?", "What kind of shape is the big shape?"),
     "side": ("Which side is the large shape on?", "Is the big shape on the left or right?"),
-    "white_dot": ("What colour is the marker with a white dot?", "What colour is the white-dotted marker?"),
+    "white_dot": ("What colour is the marker right of the white dot?", "Which colour is just right of the white dot?"),
+    # never asked; kept because the vocabulary (model/demo/tokenizer) is built from every template
     "black_dot": ("What colour is the marker with a black dot?", "What colour is the black-dotted marker?"),
 }
 
@@ -113,10 +119,11 @@ def _padding(size: tuple[int, int]) -> tuple[float, float]:
     return (pw - nw) // 2, (ph - nh) // 2
 
 
-def _draw_shape(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float) -> None:
+def _draw_shape(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, hole: tuple = (0, 0, 0)) -> None:
     box = (cx - r, cy - r, cx + r, cy + r)
-    if kind == "circle":
+    if kind == "ring":    # a disc with a hole of half its radius, in the background colour
         d.ellipse(box, fill=SHAPE_RGB)
+        d.ellipse((cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2), fill=hole)
     elif kind == "square":
         d.rectangle(box, fill=SHAPE_RGB)
     else:  # diamond: the square turned by 45 degrees (edges at 45 degrees, not 0 or 90)
@@ -136,14 +143,21 @@ def _draw_marker(d: ImageDraw.ImageDraw, style: str, colour: str, bg: str, sx: f
         d.rectangle(tuple(round(v) for v in box), fill=rgb)
 
 
+def _draw_dot(d: ImageDraw.ImageDraw, rgb: tuple, sx: float, sy: float, pad_x: float, pad_y: float,
+              scale: float) -> None:
+    """A dot on the background: the 8x8 centre of the slot whose top-left is (sx, sy)."""
+    box = ((sx + 3 - pad_x) / scale, (sy + 3 - pad_y) / scale, (sx + 11 - pad_x) / scale - 1, (sy + 11 - pad_y) / scale - 1)
+    d.rectangle(tuple(round(v) for v in box), fill=rgb)
+
+
 def sample(split: str, index: int, curriculum: int = 0) -> Sample:
     """The index-th image of a split with one question per kind (deterministic).
 
     `curriculum` > 0 swaps the marker half for an easier training variant (background,
-    shape and colours stay): 1, a carpet of white-dotted (even index) or black-dotted
-    (odd index) tiles of the answer's colour (only that question is asked); 2, a
-    checkerboard carpet of white-dotted and black-dotted tiles; 3, the clusters with a
-    dot in every cluster.  The carpets make the marker colours as easy to see as the background (a
+    shape and colours stay): 1, a carpet of pairs, a marker of the answer's colour and a
+    white dot left of it; 2, a checkerboard of those pairs and pairs of the black-dot
+    colour with a black dot left of it (the colour right of a white dot is then the
+    answer, not the most common colour); 3, the clusters with a dot in every cluster.  The carpets make the marker colours as easy to see as the background (a
     gradient to start from); with four balanced colours in sparse clusters a uniform look
     says nothing."""
     if curriculum not in CURRICULUM:
@@ -161,7 +175,7 @@ def sample(split: str, index: int, curriculum: int = 0) -> Sample:
     x0 = 0.0 if side == "left" else half                      # the shape's half
     cx = x0 + rng.uniform(r + 0.05 * half, half - r - 0.05 * half) if half > 2.1 * r else x0 + half / 2
     cy = rng.uniform(r + 0.05 * h, h - r - 0.05 * h)
-    _draw_shape(d, shape, cx, cy, r)
+    _draw_shape(d, shape, cx, cy, r, BACKGROUNDS[bg])
     # clusters: whole 56-px cells of the tile grid (tile px = scale * image px + padding)
     # inside the other half, mapped back to image pixels
     pad_x, pad_y = _padding((w, h))
@@ -178,27 +192,29 @@ def sample(split: str, index: int, curriculum: int = 0) -> Sample:
     for k, ci in enumerate(chosen):
         cx_t, cy_t = cells[ci]
         oy, ox = (int(v) for v in rng.integers(0, 2, size=2))                 # lattice offset: patches 0/1
+        ox = 1   # markers on odd patch columns, so a marker and the dot left of it share a 2x2 (and 1x2) pool
         slots = rng.permutation(4)
         if curriculum in (1, 2):
             continue
-        styles = ("white_dot" if k in white_at or curriculum == 3 else "plain",
-                  "black_dot" if k in black_at or curriculum == 3 else "plain", "plain", "plain")
-        for style, colour, slot in zip(styles, colours, slots):
+        styles = ("plain", "black_dot" if k in black_at or curriculum == 3 else "plain", "plain", "plain")
+        for i, (style, colour, slot) in enumerate(zip(styles, colours, slots)):
             sx = cx_t + ox * SLOT + slot % 2 * PITCH                            # slot's top-left, tile px
             sy = cy_t + oy * SLOT + slot // 2 * PITCH
             _draw_marker(d, style, colour, bg, sx, sy, pad_x, pad_y, scale)
+            if i == 0 and (k in white_at or curriculum == 3):
+                _draw_dot(d, WHITE, sx - SLOT, sy, pad_x, pad_y, scale)         # the patch left of it
         corners.append(((cx_t - pad_x) / scale, (cy_t - pad_y) / scale))
-    if curriculum in (1, 2):   # carpet: every whole patch of the marker half
+    if curriculum in (1, 2):   # carpet: every whole pair of patches of the marker half
         for sy in range(0, 3 * TILE, SLOT):
-            for sx in range(0, 3 * TILE, SLOT):
-                if hx0 <= sx and sx + SLOT <= hx1 and y_lo <= sy and sy + SLOT <= y_hi:
-                    first = (index % 2 == 0) if curriculum == 1 else (sx + sy) // SLOT % 2 == 0
-                    _draw_marker(d, "white_dot" if first else "black_dot", colours[0] if first else colours[1],
-                                 bg, sx, sy, pad_x, pad_y, scale)
+            for sx in range(0, 3 * TILE, 2 * SLOT):
+                if hx0 <= sx and sx + 2 * SLOT <= hx1 and y_lo <= sy and sy + SLOT <= y_hi:
+                    first = curriculum == 1 or (sx // (2 * SLOT) + sy // SLOT) % 2 == 0
+                    _draw_dot(d, WHITE if first else BLACK, sx, sy, pad_x, pad_y, scale)   # a dot, then its marker
+                    _draw_marker(d, "plain", colours[0] if first else colours[1], bg, sx + SLOT, sy, pad_x, pad_y, scale)
     t = [int(rng.integers(2)) for _ in KINDS]
     answers = {"background": bg, "shape": shape, "side": side, "white_dot": colours[0], "black_dot": colours[1]}
-    if curriculum == 1:   # one carpet, one dot: white on even indices, black on odd
-        del answers["black_dot" if index % 2 == 0 else "white_dot"]
+    if curriculum == 1:   # one carpet: the white dot's neighbours only
+        del answers["black_dot"]
     qas = tuple(QA(k, TEMPLATES[k][t[i]], answers[k]) for i, k in enumerate(KINDS) if k in answers)
     facts = dict(answers, size=f"{w}x{h}", clusters=str(n))
     return Sample(img, qas, facts, tuple(corners))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CASES = [(0, "background", None), (0, "white_dot", None), (1, "shape", 36), (1, "black_dot", 144), (2, "white_dot", 576),
-         (2, "side", 72), (3, "black_dot", 288), (3, "background", None), (4, "white_dot", None), (5, "shape", None)]
+CASES = [(0, "background", None), (0, "white_dot", None), (1, "shape", 36), (1, "white_dot", 144), (2, "white_dot", 576),
+         (2, "side", 72), (3, "white_dot", 288), (3, "background", None), (4, "white_dot", None), (5, "shape", None)]
 
 
 def main() -> None:
