@@ -18,11 +18,11 @@ from avg_edge.runtime.text import is_correct
 from avg_edge.runtime.tokenizer import Tokenizer
 
 
-def demo_config(vocab_size: int) -> AvgLlavaConfig:
+def demo_config(vocab_size: int, decoder_layers: int = 2) -> AvgLlavaConfig:
     """Spec architecture at small sizes: ViT 336/14 (24x24 grid), Llama decoder, router."""
     return AvgLlavaConfig(
         text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                        num_hidden_layers=decoder_layers, num_attention_heads=4, num_key_value_heads=4,
                         head_dim=32, max_position_embeddings=4096, pad_token_id=0),
         vision=VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
                             num_attention_heads=4, image_size=336, patch_size=14, projection_dim=64),

@@ -71,13 +71,16 @@ def sincos_positions(model: AvgLlavaModel, scale: float = 2.0) -> None:
 
 def colour_patches(model: AvgLlavaModel, scale: float = 1.0) -> None:
     """Initialise the patch embedding so its lower channels read mean colours of the
-    patch, its halves and its quadrants (27 channels); the rest start near zero.  Clean
-    colour-and-layout features let the tiny decoder learn from a few thousand images."""
+    patch, its halves, its quadrants and its centre (30 channels); the rest start near
+    zero.  Clean colour-and-layout features let the tiny decoder learn from a few thousand
+    images.  The centre (the middle 6x6 px) makes a marker's dot a feature of its own:
+    without it a black dot and a hole on a dark background gave the same patch means, and
+    v3 never learnt the black dot."""
     conv = model.vision_tower.clip.embeddings.patch_embedding                      # [Dv, 3, p, p]
     p = conv.weight.shape[-1]
     h = p // 2
     regions = [(0, p, 0, p), (0, h, 0, p), (h, p, 0, p), (0, p, 0, h), (0, p, h, p),
-               (0, h, 0, h), (0, h, h, p), (h, p, 0, h), (h, p, h, p)]
+               (0, h, 0, h), (0, h, h, p), (h, p, 0, h), (h, p, h, p), (h - 3, h + 3, h - 3, h + 3)]
     with torch.no_grad():
         conv.weight.normal_(0.0, 0.01)
         conv.weight[conv.weight.shape[0] // 2:] = 0.0                             # position channels
@@ -273,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
                          "spec) or the question's own tokens (default: the 32-token system prompt otherwise fills k)")
     ap.add_argument("--token-cost", type=float, default=0.0, metavar="LAMBDA",
                     help="cost-aware RGLF: rank by answer NLL + LAMBDA x g / 576 (0: the paper's RGLF)")
+    ap.add_argument("--seed", type=int, default=0, help="torch seed of the model's initialisation and training")
+    ap.add_argument("--decoder-layers", type=int, default=2, help="the language model's layers")
     ap.add_argument("--router-seed", type=int, default=0)
     ap.add_argument("--check-images", type=int, default=20, help="val images of the router check after stage 3")
     ap.add_argument("--save-every", type=int, default=250)
@@ -283,13 +288,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = JsonTokenizer(write_tokenizer(out / "tokenizer.json"))
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     if args.router_only:
         shutil.copyfile(Path(args.router_only) / "tokenizer.json", out / "tokenizer.json")
         tok = JsonTokenizer(out / "tokenizer.json")
         model = load_model(args.router_only)
     else:
-        model = AvgLlavaModel(demo_config(tok.vocab_size), tok)
+        model = AvgLlavaModel(demo_config(tok.vocab_size, args.decoder_layers), tok)
         sincos_positions(model)
         colour_patches(model)
     model.config = model.config.replace(router_text_candidates=args.router_text, router_token_cost=args.token_cost)
