@@ -47,7 +47,7 @@ MIN_FILL = 0.6      # share of the marker half's whole cells that get a cluster
 DOTTED = 2          # clusters whose white-dot (black-dot) colour carries the dot
 
 COARSE = ("background", "shape", "side")
-FINE = ("white_dot", "black_dot")
+FINE = ("white_dot",)   # run v6a: the black-dot question dropped (its dots stay, as distractors)
 KINDS = COARSE + FINE
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "background": ("What colour is the background?", "What is the background colour?"),
