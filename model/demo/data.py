@@ -35,7 +35,7 @@ PINPOINT_P = (0.3, 0.3, 0.1, 0.15, 0.15)
 BACKGROUNDS = {"gray": (110, 110, 110), "brown": (120, 72, 40), "purple": (90, 50, 120),
                "teal": (30, 110, 110), "navy": (25, 35, 95), "olive": (100, 100, 30)}
 MARKERS = {"red": (235, 20, 20), "green": (20, 220, 40), "blue": (40, 90, 255), "yellow": (245, 235, 20)}
-SHAPES = ("circle", "square", "diamond")
+SHAPES = ("ring", "square", "diamond")   # run v7a: the circle (never named in v6a) becomes a ring
 SHAPE_RGB = (235, 235, 225)
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 TILE = 336          # AnyRes tile side, px
@@ -113,10 +113,11 @@ def _padding(size: tuple[int, int]) -> tuple[float, float]:
     return (pw - nw) // 2, (ph - nh) // 2
 
 
-def _draw_shape(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float) -> None:
+def _draw_shape(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, hole: tuple = (0, 0, 0)) -> None:
     box = (cx - r, cy - r, cx + r, cy + r)
-    if kind == "circle":
+    if kind == "ring":    # a disc with a hole of half its radius, in the background colour
         d.ellipse(box, fill=SHAPE_RGB)
+        d.ellipse((cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2), fill=hole)
     elif kind == "square":
         d.rectangle(box, fill=SHAPE_RGB)
     else:  # diamond: the square turned by 45 degrees (edges at 45 degrees, not 0 or 90)
@@ -161,7 +162,7 @@ def sample(split: str, index: int, curriculum: int = 0) -> Sample:
     x0 = 0.0 if side == "left" else half                      # the shape's half
     cx = x0 + rng.uniform(r + 0.05 * half, half - r - 0.05 * half) if half > 2.1 * r else x0 + half / 2
     cy = rng.uniform(r + 0.05 * h, h - r - 0.05 * h)
-    _draw_shape(d, shape, cx, cy, r)
+    _draw_shape(d, shape, cx, cy, r, BACKGROUNDS[bg])
     # clusters: whole 56-px cells of the tile grid (tile px = scale * image px + padding)
     # inside the other half, mapped back to image pixels
     pad_x, pad_y = _padding((w, h))
