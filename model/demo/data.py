@@ -48,12 +48,18 @@ DOTTED = 2          # clusters whose white-dot (black-dot) colour carries the do
 
 COARSE = ("background", "shape", "side")
 FINE = ("white_dot",)   # run v6a: the black-dot question dropped (its dots stay, as distractors)
+# run v8a: the white dot is a patch of its own, just right of the answer's marker.  Within
+# a patch every feature survives pooling (the projector runs before it and can give any
+# per-patch look a channel of its own; v7a read a white-centred tile at 36 tokens 100% of
+# the time); which neighbour sits left of the dot is a relation between two patches, the
+# same at 144/288 (one token holds both) and lost at 72/36 (one token holds the dot and two or
+# four colours, the same colours whatever the answer).
 KINDS = COARSE + FINE
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "background": ("What colour is the background?", "What is the background colour?"),
     "shape": ("What shape is the large shape?", "What kind of shape is the big shape?"),
     "side": ("Which side is the large shape on?", "Is the big shape on the left or right?"),
-    "white_dot": ("What colour is the marker with a white dot?", "What colour is the white-dotted marker?"),
+    "white_dot": ("What colour is the marker left of the white dot?", "Which colour is just left of the white dot?"),
     "black_dot": ("What colour is the marker with a black dot?", "What colour is the black-dotted marker?"),
 }
 
@@ -137,14 +143,21 @@ def _draw_marker(d: ImageDraw.ImageDraw, style: str, colour: str, bg: str, sx: f
         d.rectangle(tuple(round(v) for v in box), fill=rgb)
 
 
+def _draw_dot(d: ImageDraw.ImageDraw, rgb: tuple, sx: float, sy: float, pad_x: float, pad_y: float,
+              scale: float) -> None:
+    """A dot on the background: the 8x8 centre of the slot whose top-left is (sx, sy)."""
+    box = ((sx + 3 - pad_x) / scale, (sy + 3 - pad_y) / scale, (sx + 11 - pad_x) / scale - 1, (sy + 11 - pad_y) / scale - 1)
+    d.rectangle(tuple(round(v) for v in box), fill=rgb)
+
+
 def sample(split: str, index: int, curriculum: int = 0) -> Sample:
     """The index-th image of a split with one question per kind (deterministic).
 
     `curriculum` > 0 swaps the marker half for an easier training variant (background,
-    shape and colours stay): 1, a carpet of white-dotted (even index) or black-dotted
-    (odd index) tiles of the answer's colour (only that question is asked); 2, a
-    checkerboard carpet of white-dotted and black-dotted tiles; 3, the clusters with a
-    dot in every cluster.  The carpets make the marker colours as easy to see as the background (a
+    shape and colours stay): 1, a carpet of pairs, a marker of the answer's colour and a
+    white dot right of it; 2, a checkerboard of those pairs and pairs of the black-dot
+    colour with a black dot right of it (the colour left of a white dot is then the
+    answer, not the most common colour); 3, the clusters with a dot in every cluster.  The carpets make the marker colours as easy to see as the background (a
     gradient to start from); with four balanced colours in sparse clusters a uniform look
     says nothing."""
     if curriculum not in CURRICULUM:
@@ -179,27 +192,29 @@ def sample(split: str, index: int, curriculum: int = 0) -> Sample:
     for k, ci in enumerate(chosen):
         cx_t, cy_t = cells[ci]
         oy, ox = (int(v) for v in rng.integers(0, 2, size=2))                 # lattice offset: patches 0/1
+        ox = 0   # v8a: markers on even patch columns, so a marker and the dot right of it share a 2x2 (and 1x2) pool
         slots = rng.permutation(4)
         if curriculum in (1, 2):
             continue
-        styles = ("white_dot" if k in white_at or curriculum == 3 else "plain",
-                  "black_dot" if k in black_at or curriculum == 3 else "plain", "plain", "plain")
-        for style, colour, slot in zip(styles, colours, slots):
+        styles = ("plain", "black_dot" if k in black_at or curriculum == 3 else "plain", "plain", "plain")
+        for i, (style, colour, slot) in enumerate(zip(styles, colours, slots)):
             sx = cx_t + ox * SLOT + slot % 2 * PITCH                            # slot's top-left, tile px
             sy = cy_t + oy * SLOT + slot // 2 * PITCH
             _draw_marker(d, style, colour, bg, sx, sy, pad_x, pad_y, scale)
+            if i == 0 and (k in white_at or curriculum == 3):
+                _draw_dot(d, WHITE, sx + SLOT, sy, pad_x, pad_y, scale)         # the patch right of it
         corners.append(((cx_t - pad_x) / scale, (cy_t - pad_y) / scale))
-    if curriculum in (1, 2):   # carpet: every whole patch of the marker half
+    if curriculum in (1, 2):   # carpet: every whole pair of patches of the marker half
         for sy in range(0, 3 * TILE, SLOT):
-            for sx in range(0, 3 * TILE, SLOT):
-                if hx0 <= sx and sx + SLOT <= hx1 and y_lo <= sy and sy + SLOT <= y_hi:
-                    first = (index % 2 == 0) if curriculum == 1 else (sx + sy) // SLOT % 2 == 0
-                    _draw_marker(d, "white_dot" if first else "black_dot", colours[0] if first else colours[1],
-                                 bg, sx, sy, pad_x, pad_y, scale)
+            for sx in range(0, 3 * TILE, 2 * SLOT):
+                if hx0 <= sx and sx + 2 * SLOT <= hx1 and y_lo <= sy and sy + SLOT <= y_hi:
+                    first = curriculum == 1 or (sx // (2 * SLOT) + sy // SLOT) % 2 == 0
+                    _draw_marker(d, "plain", colours[0] if first else colours[1], bg, sx, sy, pad_x, pad_y, scale)
+                    _draw_dot(d, WHITE if first else BLACK, sx + SLOT, sy, pad_x, pad_y, scale)
     t = [int(rng.integers(2)) for _ in KINDS]
     answers = {"background": bg, "shape": shape, "side": side, "white_dot": colours[0], "black_dot": colours[1]}
-    if curriculum == 1:   # one carpet, one dot: white on even indices, black on odd
-        del answers["black_dot" if index % 2 == 0 else "white_dot"]
+    if curriculum == 1:   # one carpet: the white dot's neighbours only
+        del answers["black_dot"]
     qas = tuple(QA(k, TEMPLATES[k][t[i]], answers[k]) for i, k in enumerate(KINDS) if k in answers)
     facts = dict(answers, size=f"{w}x{h}", clusters=str(n))
     return Sample(img, qas, facts, tuple(corners))
