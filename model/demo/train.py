@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--accum", type=int, default=1, help="images per stage-1 step")
     ap.add_argument("--router-only", metavar="CHECKPOINT", default=None,
                     help="run stage 3 alone, with a fresh router, on this trained checkpoint")
+    ap.add_argument("--init-from", metavar="CHECKPOINT", default=None,
+                    help="start every stage from a trained checkpoint's weights instead of a fresh model")
     ap.add_argument("--router-text", choices=("prompt", "question"), default="question",
                     help="the router filter's candidates (config router_text_candidates): the whole prompt (the "
                          "spec) or the question's own tokens (default: the 32-token system prompt otherwise fills k)")
@@ -289,7 +291,11 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tok = JsonTokenizer(write_tokenizer(out / "tokenizer.json"))
     torch.manual_seed(args.seed)
-    if args.router_only:
+    if args.init_from:
+        shutil.copyfile(Path(args.init_from) / "tokenizer.json", out / "tokenizer.json")
+        tok = JsonTokenizer(out / "tokenizer.json")
+        model = load_model(args.init_from)
+    elif args.router_only:
         shutil.copyfile(Path(args.router_only) / "tokenizer.json", out / "tokenizer.json")
         tok = JsonTokenizer(out / "tokenizer.json")
         model = load_model(args.router_only)
