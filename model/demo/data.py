@@ -59,7 +59,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "background": ("What colour is the background?", "What is the background colour?"),
     "shape": ("What shape is the large shape?", "What kind of shape is the big shape?"),
     "side": ("Which side is the large shape on?", "Is the big shape on the left or right?"),
-    "white_dot": ("What colour is the marker left of the white dot?", "Which colour is just left of the white dot?"),
+    "white_dot": ("What colour is the marker right of the white dot?", "Which colour is just right of the white dot?"),
     "black_dot": ("What colour is the marker with a black dot?", "What colour is the black-dotted marker?"),
 }
 
@@ -192,7 +192,7 @@ def sample(split: str, index: int, curriculum: int = 0) -> Sample:
     for k, ci in enumerate(chosen):
         cx_t, cy_t = cells[ci]
         oy, ox = (int(v) for v in rng.integers(0, 2, size=2))                 # lattice offset: patches 0/1
-        ox = 0   # v8a: markers on even patch columns, so a marker and the dot right of it share a 2x2 (and 1x2) pool
+        ox = 1   # v12a: markers on odd patch columns, so a marker and the dot left of it share a 2x2 (and 1x2) pool
         slots = rng.permutation(4)
         if curriculum in (1, 2):
             continue
@@ -202,15 +202,15 @@ def sample(split: str, index: int, curriculum: int = 0) -> Sample:
             sy = cy_t + oy * SLOT + slot // 2 * PITCH
             _draw_marker(d, style, colour, bg, sx, sy, pad_x, pad_y, scale)
             if i == 0 and (k in white_at or curriculum == 3):
-                _draw_dot(d, WHITE, sx + SLOT, sy, pad_x, pad_y, scale)         # the patch right of it
+                _draw_dot(d, WHITE, sx - SLOT, sy, pad_x, pad_y, scale)         # v12a: the patch left of it
         corners.append(((cx_t - pad_x) / scale, (cy_t - pad_y) / scale))
     if curriculum in (1, 2):   # carpet: every whole pair of patches of the marker half
         for sy in range(0, 3 * TILE, SLOT):
             for sx in range(0, 3 * TILE, 2 * SLOT):
                 if hx0 <= sx and sx + 2 * SLOT <= hx1 and y_lo <= sy and sy + SLOT <= y_hi:
                     first = curriculum == 1 or (sx // (2 * SLOT) + sy // SLOT) % 2 == 0
-                    _draw_marker(d, "plain", colours[0] if first else colours[1], bg, sx, sy, pad_x, pad_y, scale)
-                    _draw_dot(d, WHITE if first else BLACK, sx + SLOT, sy, pad_x, pad_y, scale)
+                    _draw_marker(d, "plain", colours[0] if first else colours[1], bg, sx + SLOT, sy, pad_x, pad_y, scale)
+                    _draw_dot(d, WHITE if first else BLACK, sx, sy, pad_x, pad_y, scale)   # v12a: dot, then marker
     t = [int(rng.integers(2)) for _ in KINDS]
     answers = {"background": bg, "shape": shape, "side": side, "white_dot": colours[0], "black_dot": colours[1]}
     if curriculum == 1:   # one carpet: the white dot's neighbours only
