@@ -141,6 +141,49 @@ def trainable(model: AvgLlavaModel, stage: str, tower_lr: float = 0.0) -> list[d
     return out
 
 
+def install_prev_head(model: AvgLlavaModel, constant: float, dim: int = -1) -> list[torch.Tensor]:
+    """Run v12d (experiment): decoder layer 0, head 0 attends to the previous token.
+
+    The projector's last output channel becomes a constant (its weight row zeroed, its
+    bias `constant` x the mean norm of the other channels on a few training images), and
+    the head's query and key read only that channel, with RoPE phases that peak at
+    distance 1.  The head's output projection starts at zero.  Returns the frozen
+    tensors' (row) masks, applied to their gradients by the caller."""
+    from avg_edge.model.demo.core import encode_image
+    lin = model.mm_projector[2]
+    lm = model.language_model.model
+    att, norm = lm.layers[0].self_attn, lm.layers[0].input_layernorm
+    hd = model.config.text.head_dim
+    half = hd // 2
+    with torch.no_grad():
+        feats = torch.cat([encode_image(model, sample("train", 100 + i).image)[1].flatten(0, 1) for i in range(2)])
+        out = model.mm_projector(feats)                                            # [N, D]
+        c = constant * float(out.norm(dim=-1).mean())
+        lin.weight[dim] = 0.0
+        lin.bias[dim] = c
+        out = model.mm_projector(feats)
+        xn = norm(out)[:, dim]                                                     # the constant after RMSNorm
+        theta = 1.0 / (model.config.text.rope_theta ** (torch.arange(half, dtype=torch.float32) * 2 / hd))
+        a = math.sqrt(25.0 * math.sqrt(hd)) / float(xn.mean())                      # score ~25 per frequency pair
+        q = torch.cat([torch.cos(-theta), torch.sin(-theta)]) * a
+        k = torch.cat([torch.ones(half), torch.zeros(half)]) * a
+        att.q_proj.weight[:hd] = 0.0
+        att.k_proj.weight[:hd] = 0.0
+        att.q_proj.weight[:hd, dim] = q
+        att.k_proj.weight[:hd, dim] = k
+        att.o_proj.weight[:, :hd] = 0.0
+        print(f"prev head: constant {c:.3f}, after RMSNorm {float(xn.mean()):.3f} +- {float(xn.std()):.3f}")
+    masks = []
+    for t, rows in ((lin.weight, slice(dim, None) if dim == -1 else slice(dim, dim + 1)), (lin.bias, slice(dim, None) if dim == -1 else slice(dim, dim + 1)),
+                    (att.q_proj.weight, slice(0, hd)), (att.k_proj.weight, slice(0, hd))):
+        m = torch.ones_like(t)
+        m[rows] = 0.0
+        t.requires_grad_(True)
+        t.register_hook(lambda g, m=m: g * m)
+        masks.append(m)
+    return masks
+
+
 # -- state files ------------------------------------------------------------------
 def save_state(folder: Path, model: AvgLlavaModel, opt: torch.optim.Optimizer, stage: str, step: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
@@ -273,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="run stage 3 alone, with a fresh router, on this trained checkpoint")
     ap.add_argument("--init-from", metavar="CHECKPOINT", default=None,
                     help="start every stage from a trained checkpoint's weights instead of a fresh model")
+    ap.add_argument("--prev-head", type=float, default=0.0, metavar="C",
+                    help="experiment v12d: a fixed previous-token head in decoder layer 0 (C: the constant channel's scale)")
     ap.add_argument("--router-text", choices=("prompt", "question"), default="question",
                     help="the router filter's candidates (config router_text_candidates): the whole prompt (the "
                          "spec) or the question's own tokens (default: the 32-token system prompt otherwise fills k)")
@@ -303,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
         model = AvgLlavaModel(demo_config(tok.vocab_size, args.decoder_layers), tok)
         sincos_positions(model)
         colour_patches(model)
+    if args.prev_head:
+        install_prev_head(model, args.prev_head)
     model.config = model.config.replace(router_text_candidates=args.router_text, router_token_cost=args.token_cost)
     fresh_router(model, args.router_seed)
     progress = json.loads((out / "state" / "progress.json").read_text()) if args.resume and (out / "state" / "progress.json").exists() else None
