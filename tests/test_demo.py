@@ -75,9 +75,10 @@ def _scale(img) -> float:
 
 def test_markers_are_drawn_where_the_answers_say():
     """Every white dot is on the background, and just right of it is a tile of the
-    white_dot answer's colour and of no other; black dots sit only inside tiles of the black_dot colour; DOTTED of each per
-    image; and each colour covers about the same area (every cluster has the four), so a
-    4x4-pooled cell holds the same colours whatever the answer."""
+    white_dot answer's colour and of no other; black dots sit only inside tiles of the
+    black_dot colour; DOTTED of each per image; and each colour covers about the same
+    area (every cluster has the four), so a 4x4-pooled cell holds the same colours
+    whatever the answer."""
     import numpy as np
 
     from avg_edge.model.demo.data import DOTTED

@@ -130,24 +130,32 @@ def _draw_shape(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: floa
         d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=SHAPE_RGB)
 
 
+def _fill(d: ImageDraw.ImageDraw, rgb: tuple, sx: float, sy: float, box: tuple[int, int, int, int],
+          pad_x: float, pad_y: float, scale: float) -> None:
+    """Fill `box` (x0, y0, x1, y1 in tile px, relative to the slot whose top-left is
+    (sx, sy)) in image pixels."""
+    a, b, c, e = box
+    xy = ((sx + a - pad_x) / scale, (sy + b - pad_y) / scale, (sx + c - pad_x) / scale - 1, (sy + e - pad_y) / scale - 1)
+    d.rectangle(tuple(round(v) for v in xy), fill=rgb)
+
+
+CENTRE = (3, 3, 11, 11)   # a slot's 8x8 centre, tile px
+
+
 def _draw_marker(d: ImageDraw.ImageDraw, style: str, colour: str, bg: str, sx: float, sy: float,
                  pad_x: float, pad_y: float, scale: float) -> None:
     """One marker whose slot's top-left is (sx, sy) in tile pixels, drawn in image pixels:
     a 14x14 tile of the colour (one whole patch when AnyRes puts it back at tile scale)
-    with an 8x8 centre that is white, black, or the background (plain: a hole).  Every
-    marker holds 132 px of its colour."""
-    centre = {"white_dot": WHITE, "black_dot": BLACK}.get(style, BACKGROUNDS[bg])
-    for (a, b, c, e), rgb in (((0, 0, SLOT, SLOT), MARKERS[colour]), ((3, 3, 11, 11), centre)):
-        box = ((sx + a - pad_x) / scale, (sy + b - pad_y) / scale,
-               (sx + c - pad_x) / scale - 1, (sy + e - pad_y) / scale - 1)
-        d.rectangle(tuple(round(v) for v in box), fill=rgb)
+    with an 8x8 centre that is black ("black_dot") or the background ("plain": a hole).
+    Every marker holds 132 px of its colour."""
+    _fill(d, MARKERS[colour], sx, sy, (0, 0, SLOT, SLOT), pad_x, pad_y, scale)
+    _fill(d, BLACK if style == "black_dot" else BACKGROUNDS[bg], sx, sy, CENTRE, pad_x, pad_y, scale)
 
 
 def _draw_dot(d: ImageDraw.ImageDraw, rgb: tuple, sx: float, sy: float, pad_x: float, pad_y: float,
               scale: float) -> None:
     """A dot on the background: the 8x8 centre of the slot whose top-left is (sx, sy)."""
-    box = ((sx + 3 - pad_x) / scale, (sy + 3 - pad_y) / scale, (sx + 11 - pad_x) / scale - 1, (sy + 11 - pad_y) / scale - 1)
-    d.rectangle(tuple(round(v) for v in box), fill=rgb)
+    _fill(d, rgb, sx, sy, CENTRE, pad_x, pad_y, scale)
 
 
 def sample(split: str, index: int, curriculum: int = 0) -> Sample:
@@ -157,9 +165,10 @@ def sample(split: str, index: int, curriculum: int = 0) -> Sample:
     shape and colours stay): 1, a carpet of pairs, a marker of the answer's colour and a
     white dot left of it; 2, a checkerboard of those pairs and pairs of the black-dot
     colour with a black dot left of it (the colour right of a white dot is then the
-    answer, not the most common colour); 3, the clusters with a dot in every cluster.  The carpets make the marker colours as easy to see as the background (a
-    gradient to start from); with four balanced colours in sparse clusters a uniform look
-    says nothing."""
+    answer, not the most common colour); 3, the clusters with a dot in every cluster.
+    The carpets make the marker colours as easy to see as the background (a gradient to
+    start from); with four balanced colours in sparse clusters a uniform look says
+    nothing."""
     if curriculum not in CURRICULUM:
         raise ValueError(f"curriculum: expected one of {CURRICULUM}, got {curriculum!r}")
     rng = _rng(split, index)
@@ -191,8 +200,9 @@ def sample(split: str, index: int, curriculum: int = 0) -> Sample:
     corners = []
     for k, ci in enumerate(chosen):
         cx_t, cy_t = cells[ci]
-        oy, ox = (int(v) for v in rng.integers(0, 2, size=2))                 # lattice offset: patches 0/1
-        ox = 1   # markers on odd patch columns, so a marker and the dot left of it share a 2x2 (and 1x2) pool
+        oy, _ = (int(v) for v in rng.integers(0, 2, size=2))                  # lattice row offset: patches 0/1
+        ox = 1   # markers on odd patch columns, so a marker and the dot left of it share a 2x2 (and 1x2) pool;
+        #          the column offset is still drawn above so that every split keeps its seed stream
         slots = rng.permutation(4)
         if curriculum in (1, 2):
             continue
